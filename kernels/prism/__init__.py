@@ -1,0 +1,1 @@
+"""The PRISM recurrence (PRISM.md sections 1 and 4), one module per backend."""

@@ -1,0 +1,1 @@
+"""prism-megatron: distributed pretraining for PRISM language models."""
