@@ -1,0 +1,99 @@
+"""Tile loads and the matrix product shared by the PRISM chunk kernels.
+
+Rows of every [tokens, heads, ...] tensor are addressed by an int64 element offset per row, so
+products of B, T, H and the head dims never wrap at 2^31. Tiles that a kernel needs transposed are
+loaded transposed from memory: Triton 3.4-3.7.0 on Hopper miscompiles `tl.trans` of a `tl.dot`
+result, so no kernel here transposes anything it computed.
+"""
+import os
+
+import triton
+import triton.language as tl
+
+# Triton 3.9's interpreter garbles float32 -> bfloat16 casts of transposed tiles, so under it the
+# bfloat16 products of mm_bf16 run in float32 (the GPU tests cover the bfloat16 path).
+INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+
+
+@triton.jit
+def chunk_rows(chunks, i_c, i_h, H: tl.constexpr, C: tl.constexpr):
+    """Chunk i_c of the chunk table: its first token, its sequence's end, and per row the token, whether
+    it lies inside the sequence, and the [token, head] row index for head i_h."""
+    t0 = tl.load(chunks + 2 * i_c).to(tl.int64)
+    t_end = tl.load(chunks + 2 * i_c + 1).to(tl.int64)
+    tok = t0 + tl.arange(0, C)
+    m_c = tok < t_end
+    return t0, t_end, tok, m_c, tok * H + i_h
+
+
+@triton.jit
+def sequence_chunks(cu_seqlens, chunk_offsets, i_n):
+    """Sequence i_n's first and end token, its first chunk and its number of chunks."""
+    c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
+    n_chunks = tl.load(chunk_offsets + i_n + 1).to(tl.int64) - c0
+    return tl.load(cu_seqlens + i_n).to(tl.int64), tl.load(cu_seqlens + i_n + 1).to(tl.int64), c0, n_chunks
+
+
+@triton.jit
+def state_tile(i_v, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """Element offsets and mask of the [BK, BV] block i_v of value columns of a K x V state."""
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    return o_k[:, None] * V + o_v[None, :], (o_k < K)[:, None] & (o_v < V)[None, :]
+
+
+@triton.jit
+def load_rows(ptr, row_off, m_row, cols, ncols):
+    """[rows, cols] float32 tile; row r starts at element row_off[r]."""
+    mask = m_row[:, None] & (cols < ncols)[None, :]
+    return tl.load(ptr + row_off[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def load_rows_t(ptr, row_off, m_row, cols, ncols):
+    """The same tile as load_rows, transposed: [cols, rows]."""
+    mask = (cols < ncols)[:, None] & m_row[None, :]
+    return tl.load(ptr + row_off[None, :] + cols[:, None], mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def mm(a, b, IEEE: tl.constexpr):
+    """a @ b in float32: exact float32 products for float32 inputs, TF32 for 16-bit ones."""
+    if IEEE:
+        c = tl.dot(a, b, input_precision="ieee")
+    else:
+        c = tl.dot(a, b)
+    return c
+
+
+@triton.jit
+def mm_bf16(a, b, IEEE: tl.constexpr):
+    """a @ b with bfloat16 operands for 16-bit inputs (half the shared memory of float32 ones: the
+    backward kernels would not fit otherwise), exact float32 products for float32 inputs."""
+    if IEEE or INTERPRETED:
+        c = tl.dot(a, b, input_precision="ieee")
+    else:
+        c = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    return c
+
+
+@triton.jit
+def chunk_decay(g_cum, m_row, lower: tl.constexpr, strict: tl.constexpr, C: tl.constexpr):
+    """exp(G_r - G_i) on the (strict or inclusive) lower triangle r >= i, or its transpose
+    (upper triangle, element [i, r]) when lower is False; zero elsewhere and on rows or columns
+    past the sequence end (m_row false), whose G is not a decay and could overflow exp."""
+    o = tl.arange(0, C)
+    if lower:
+        diff = g_cum[:, None] - g_cum[None, :]
+        if strict:
+            keep = o[:, None] > o[None, :]
+        else:
+            keep = o[:, None] >= o[None, :]
+    else:
+        diff = g_cum[None, :] - g_cum[:, None]
+        if strict:
+            keep = o[:, None] < o[None, :]
+        else:
+            keep = o[:, None] <= o[None, :]
+    keep = keep & m_row[:, None] & m_row[None, :]
+    return tl.where(keep, tl.exp(tl.where(keep, diff, 0.0)), 0.0)
