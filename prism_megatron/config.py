@@ -1,7 +1,10 @@
-"""Model configuration: a plain dataclass, filled from the `model:` section of a run's YAML."""
+"""Model and parallelism configuration: plain dataclasses, filled from the `model:` and `parallel:`
+sections of a run's YAML (launch/config.py reads the file)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+SOLVERS = ("prism", "none")
 
 
 @dataclass
@@ -23,3 +26,26 @@ class ModelConfig:
     tie_embeddings: bool = False
     # Backend of prism_recurrence: "auto" (triton on CUDA, torch otherwise), "torch", "triton", "naive".
     kernel_backend: str = "auto"
+
+    @property
+    def write_steps(self) -> int:
+        """L, the number of write directions per token (1 for Gated DeltaNet)."""
+        return 1 if self.solver == "none" else self.solver_steps
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first field whose value cannot build a model."""
+        if self.solver not in SOLVERS:
+            raise ValueError(f"model.solver must be one of {SOLVERS}, got {self.solver!r}")
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "head_k_dim", "head_v_dim",
+                     "ffn_hidden_size", "solver_steps", "conv_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.norm_eps <= 0 or self.init_std <= 0:
+            raise ValueError(f"model.norm_eps and model.init_std must be > 0, got {self.norm_eps}, {self.init_std}")
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    # Shard the activations between blocks along the sequence over the TP group.
+    sequence_parallel: bool = False

@@ -1,0 +1,202 @@
+"""The model's building blocks around megatron-core's TP layers: linear layers that also speak our
+sequence parallelism, RMSNorm, the SwiGLU MLP, the causal depthwise convolution, and the
+per-parameter initializers that make the initial weights independent of the TP size."""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from megatron.core import ModelParallelConfig, tensor_parallel
+from torch import nn
+
+from prism_megatron.parallel import (
+    gather_sequence,
+    reduce_scatter_sequence,
+    tag_replicated,
+    tag_sharded,
+    tp_size,
+)
+
+# ----------------------------------------------------------------------------------------------
+# Initialization. Each parameter carries `global_init(shape, generator, device) -> tensor`, which
+# draws its *global* tensor; the model draws it with a generator seeded by (seed, parameter name)
+# and keeps this rank's shard, so a TP=2 model starts from the TP=1 model's weights, split.
+
+Init = Callable[[tuple[int, ...], torch.Generator, torch.device], torch.Tensor]
+
+
+def normal_init(std: float) -> Init:
+    return lambda shape, gen, device: torch.empty(shape, device=device).normal_(0.0, std, generator=gen)
+
+
+def uniform_init(low: float, high: float) -> Init:
+    return lambda shape, gen, device: torch.empty(shape, device=device).uniform_(low, high, generator=gen)
+
+
+def constant_init(value: float) -> Init:
+    return lambda shape, gen, device: torch.full(shape, value, device=device)
+
+
+def set_init(param: nn.Parameter, init: Init) -> nn.Parameter:
+    param.global_init = init
+    return param
+
+
+def new_parameter(shape: tuple[int, ...], config: ModelParallelConfig) -> nn.Parameter:
+    # Like megatron's layers: the default device on the CPU, so that a model built under
+    # `with torch.device("meta")` allocates nothing (to count parameters of large presets).
+    device = None if config.use_cpu_initialization else torch.cuda.current_device()
+    return nn.Parameter(torch.empty(shape, device=device, dtype=config.params_dtype))
+
+
+def sharded_parameter(local_shape: tuple[int, ...], init: Init, config: ModelParallelConfig,
+                      segments: tuple[int, ...] | None = None) -> nn.Parameter:
+    """A parameter of this rank's heads or channels, split over TP along dim 0."""
+    p = set_init(new_parameter(local_shape, config), init)
+    tag_sharded(p, 0, segments)
+    return p
+
+
+def megatron_config(tp: int, dtype: torch.dtype = torch.float32) -> ModelParallelConfig:
+    """The config megatron-core's TP layers read. Its sequence_parallel stays off: our own SP
+    functions (parallel.py) wrap the layers instead, since megatron's need CUDA (see there).
+    Initialization is ours too (see global_init above)."""
+    return ModelParallelConfig(
+        tensor_model_parallel_size=tp,
+        sequence_parallel=False,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        perform_initialization=False,
+        params_dtype=dtype,
+    )
+
+
+def no_megatron_init(weight: torch.Tensor) -> None:
+    raise AssertionError("megatron-core initialization is off; parameters are drawn by global_init")
+
+
+# ----------------------------------------------------------------------------------------------
+# Linear layers
+
+
+class ColumnParallelLinear(tensor_parallel.ColumnParallelLinear):
+    """megatron-core's column-parallel linear (no bias, output left split over TP).
+
+    Under sequence parallelism the input arrives split along the sequence: it is all-gathered
+    here, and the backward of that gather already sums the input gradient over TP, so megatron's
+    own all-reduce of it is disabled (`disable_grad_reduce`). `segments` are the global sizes of
+    fused outputs, each split over TP, so a rank's output holds its part of every one.
+    """
+
+    def __init__(self, input_size: int, output_size: int, *, config: ModelParallelConfig, init: Init,
+                 sequence_parallel: bool, segments: tuple[int, ...] | None = None, **kwargs):
+        if segments is not None and sum(segments) != output_size:
+            raise ValueError(f"fused segments {segments} do not add up to the output size {output_size}")
+        for size in segments or (output_size,):
+            if size % config.tensor_model_parallel_size:
+                raise ValueError(f"output part of size {size} does not divide over "
+                                 f"{config.tensor_model_parallel_size} tensor-parallel ranks")
+        super().__init__(input_size, output_size, config=config, init_method=no_megatron_init, bias=False,
+                         gather_output=False, disable_grad_reduce=sequence_parallel, **kwargs)
+        self.sequence_parallel_input = sequence_parallel
+        if self.weight is not None:
+            tag_sharded(self.weight, 0, segments)
+            set_init(self.weight, init)
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        if self.sequence_parallel_input:
+            x = gather_sequence(x)
+        return super().forward(x, weight)[0]
+
+
+class RowParallelLinear(tensor_parallel.RowParallelLinear):
+    """megatron-core's row-parallel linear (no bias, input split over TP). Its output is summed over
+    TP: all-reduced by megatron, or under sequence parallelism reduce-scattered along the
+    sequence by parallel.reduce_scatter_sequence (megatron's own reduce-scatter needs CUDA)."""
+
+    def __init__(self, input_size: int, output_size: int, *, config: ModelParallelConfig, init: Init,
+                 sequence_parallel: bool):
+        if input_size % config.tensor_model_parallel_size:
+            raise ValueError(f"input size {input_size} does not divide over "
+                             f"{config.tensor_model_parallel_size} tensor-parallel ranks")
+        super().__init__(input_size, output_size, config=config, init_method=no_megatron_init, bias=False,
+                         input_is_parallel=True, skip_bias_add=True)
+        self.sequence_parallel_output = sequence_parallel
+        tag_sharded(self.weight, 1)
+        set_init(self.weight, init)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sequence_parallel_output:
+            return reduce_scatter_sequence(F.linear(x, self.weight))
+        return super().forward(x)[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Norms, MLP, convolution
+
+
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """At least float32 (float64 stays float64, for the float64 reference tests)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dimension, computed in (at least) float32.
+
+    Its weight is replicated over TP. `partial_input` says the rank sees only part of the data
+    the weight is applied to (a sequence slice under SP, or a subset of heads), so its gradient
+    must be summed over TP.
+    """
+
+    def __init__(self, dim: int, eps: float, config: ModelParallelConfig, partial_input: bool):
+        super().__init__()
+        self.eps = eps
+        self.weight = set_init(new_parameter((dim,), config), constant_init(1.0))
+        tag_replicated(self.weight, sum_grad_over_tp=partial_input)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = upcast(x)
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * upcast(self.weight)).to(x.dtype)
+
+
+class SwiGLUMLP(nn.Module):
+    """down(silu(gate(x)) * up(x)); gate and up are one fused column-parallel GEMM."""
+
+    def __init__(self, hidden: int, ffn: int, *, config: ModelParallelConfig, init_std: float,
+                 out_init_std: float, sequence_parallel: bool):
+        super().__init__()
+        self.gate_up = ColumnParallelLinear(hidden, 2 * ffn, config=config, init=normal_init(init_std),
+                                            sequence_parallel=sequence_parallel, segments=(ffn, ffn))
+        self.down = RowParallelLinear(ffn, hidden, config=config, init=normal_init(out_init_std),
+                                      sequence_parallel=sequence_parallel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+def causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """y_t = sum_s weight[:, W-1-s] * x_{t-s} over the taps s with position_t >= s.
+
+    x: [B, T, C]; weight: [C, W]; position: [B, T], each token's index within its sequence,
+    so the window never reaches into the previous packed document (cu_seqlens) or row.
+    """
+    W = weight.shape[1]
+    y = x * weight[:, W - 1]
+    for s in range(1, min(W, x.shape[1])):
+        shifted = F.pad(x[:, :-s], (0, 0, s, 0))
+        y = y + (shifted * (position >= s)[..., None].to(x.dtype)) * weight[:, W - 1 - s]
+    return y
+
+
+def conv_init(width: int) -> Init:
+    """The default of torch's depthwise Conv1d (fan-in = the kernel width)."""
+    bound = 1.0 / math.sqrt(width)
+    return uniform_init(-bound, bound)
+
+
+def check_divides(what: str, size: int) -> None:
+    if size % tp_size():
+        raise ValueError(f"{what} = {size} does not divide by the tensor-parallel size {tp_size()}")

@@ -1,0 +1,146 @@
+"""The PRISM language model: vocab-parallel embedding, pre-norm residual blocks of a PRISM mixer and
+a SwiGLU MLP, a final RMSNorm, a column-parallel LM head and vocab-parallel cross-entropy.
+
+    model = PrismLM(config, parallel)              # after parallel.initialize_parallel
+    loss = model(tokens, labels, cu_seqlens=None)  # mean token cross-entropy, float32
+    logits = model(tokens)                         # [B, T, padded vocab / TP], padding at -inf
+"""
+from __future__ import annotations
+
+import zlib
+
+import torch
+from megatron.core import tensor_parallel
+from torch import nn
+
+from prism_megatron.config import ModelConfig, ParallelConfig
+from prism_megatron.layers import (
+    ColumnParallelLinear,
+    RMSNorm,
+    SwiGLUMLP,
+    megatron_config,
+    no_megatron_init,
+    normal_init,
+    set_init,
+)
+from prism_megatron.mixer import PrismMixer
+from prism_megatron.parallel import (
+    add_tp_grad_sum_hooks,
+    padded_vocab_size,
+    scatter_sequence,
+    shard_spec,
+    tag_vocab_parallel,
+    tp_group,
+    tp_rank,
+    tp_size,
+)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, *, config, sequence_parallel: bool, out_init_std: float):
+        super().__init__()
+        # Under SP a norm sees only this rank's slice of the sequence: partial weight gradients.
+        self.mixer_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, config, partial_input=sequence_parallel)
+        self.mixer = PrismMixer(cfg, config=config, sequence_parallel=sequence_parallel, out_init_std=out_init_std)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, config, partial_input=sequence_parallel)
+        self.mlp = SwiGLUMLP(cfg.hidden_size, cfg.ffn_hidden_size, config=config, init_std=cfg.init_std,
+                             out_init_std=out_init_std, sequence_parallel=sequence_parallel)
+
+    def forward(self, x, position, cu_seqlens):
+        x = x + self.mixer(self.mixer_norm(x), position, cu_seqlens)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class PrismLM(nn.Module):
+    def __init__(self, config: ModelConfig, parallel: ParallelConfig, seed: int | None = None):
+        """Build this TP rank's shard. Weights are drawn from `seed` (default: the seed given to
+        initialize_parallel) as global tensors and split, so they do not depend on the TP size."""
+        super().__init__()
+        config.validate()
+        if tp_size() != parallel.tensor_model_parallel_size:
+            raise ValueError(f"parallel.tensor_model_parallel_size={parallel.tensor_model_parallel_size} but the "
+                             f"process groups have TP size {tp_size()}: call initialize_parallel with this config")
+        self.config = config
+        self.sequence_parallel = parallel.sequence_parallel and tp_size() > 1
+        mcfg = megatron_config(tp_size())
+        self.padded_vocab_size = padded_vocab_size(config.vocab_size, tp_size())
+        out_init_std = config.init_std / (2 * config.num_layers) ** 0.5  # GPT-2: residual branches scaled
+
+        self.embedding = tensor_parallel.VocabParallelEmbedding(
+            self.padded_vocab_size, config.hidden_size, init_method=no_megatron_init, config=mcfg)
+        tag_vocab_parallel(self.embedding.weight, config.vocab_size)
+        set_init(self.embedding.weight, normal_init(config.init_std))
+        self.layers = nn.ModuleList(
+            Block(config, config=mcfg, sequence_parallel=self.sequence_parallel, out_init_std=out_init_std)
+            for _ in range(config.num_layers))
+        self.final_norm = RMSNorm(config.hidden_size, config.norm_eps, mcfg, partial_input=self.sequence_parallel)
+        self.lm_head = ColumnParallelLinear(config.hidden_size, self.padded_vocab_size, config=mcfg,
+                                            init=normal_init(config.init_std), sequence_parallel=self.sequence_parallel,
+                                            skip_weight_param_allocation=config.tie_embeddings)
+        if not config.tie_embeddings:
+            tag_vocab_parallel(self.lm_head.weight, config.vocab_size)
+        self.reset_parameters(torch.initial_seed() if seed is None else seed)
+        add_tp_grad_sum_hooks(self)
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int) -> None:
+        for name, p in self.named_parameters():
+            if p.is_meta:
+                continue
+            gen = torch.Generator(device=p.device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            spec = shard_spec(p)
+            full = p.global_init(spec.global_shape(p.shape, tp_size()), gen, p.device)
+            p.copy_(spec.shard(full, tp_rank(), tp_size()))
+
+    def num_parameters(self) -> int:
+        """Parameters of the whole model (all TP ranks, without vocabulary padding)."""
+        total = 0
+        for p in self.parameters():
+            total += torch.Size(shard_spec(p).global_shape(p.shape, tp_size())).numel()
+        return total
+
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        B, T = tokens.shape
+        if self.sequence_parallel and T % tp_size():
+            raise ValueError(f"sequence length {T} does not divide by the tensor-parallel size {tp_size()}, "
+                             "which sequence parallelism needs")
+        position = token_positions(B, T, cu_seqlens, tokens.device)
+        x = self.embedding(tokens)
+        if self.sequence_parallel:
+            x = scatter_sequence(x)
+        for layer in self.layers:
+            x = layer(x, position, cu_seqlens)
+        x = self.final_norm(x)
+        logits = self.lm_head(x, self.embedding.weight if self.config.tie_embeddings else None)
+        logits = self._mask_vocab_padding(logits)
+        if labels is None:
+            return logits
+        return tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels).mean()
+
+    def _mask_vocab_padding(self, logits: torch.Tensor) -> torch.Tensor:
+        """Padded vocabulary entries get -inf logits: they never win the softmax nor get a gradient."""
+        if self.padded_vocab_size == self.config.vocab_size:
+            return logits
+        local = logits.shape[-1]
+        index = torch.arange(local, device=logits.device) + tp_rank() * local
+        return logits.masked_fill(index >= self.config.vocab_size, float("-inf"))
+
+    def gather_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Vocab-parallel logits [..., padded vocab / TP] -> [..., vocab] on every rank (a collective)."""
+        if tp_size() > 1:
+            parts = [torch.empty_like(logits) for _ in range(tp_size())]
+            torch.distributed.all_gather(parts, logits.contiguous(), group=tp_group())
+            logits = torch.cat(parts, dim=-1)
+        return logits[..., : self.config.vocab_size]
+
+
+def token_positions(batch: int, length: int, cu_seqlens: torch.Tensor | None, device) -> torch.Tensor:
+    """[B, T]: each token's index within its sequence (a row, or a packed document of cu_seqlens
+    over the flattened B*T tokens)."""
+    if cu_seqlens is None:
+        return torch.arange(length, device=device).expand(batch, length)
+    flat = torch.arange(batch * length, device=device)
+    bounds = cu_seqlens.to(device=device, dtype=torch.long)
+    start = bounds[torch.searchsorted(bounds, flat, right=True) - 1]
+    return (flat - start).reshape(batch, length)
