@@ -1,0 +1,280 @@
+"""`prism-train`: pretrain a PRISM language model with DeepSpeed.
+
+    prism-train --config launch/configs/tiny.yaml [--set training.train_steps=100 ...] [--resume]
+
+One process per device (torchrun or srun set RANK/WORLD_SIZE/...; a bare call is a single process).
+The loop below is the whole story: build the model, the optimizer and the engine, restore the
+newest checkpoint if asked, then step, evaluate, log and checkpoint until `training.train_steps`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from prism_megatron.launch import checkpoint
+from prism_megatron.launch.config import ConfigError, RunConfig, load_config, to_dict
+
+log = logging.getLogger("prism-train")
+
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class RunSummary:
+    """What a finished run reports (the demo prints it)."""
+
+    train_losses: dict[int, float] = field(default_factory=dict)
+    val_losses: dict[int, float] = field(default_factory=dict)
+    tokens_per_sec: float = 0.0
+    num_parameters: int = 0
+    checkpoint: str = ""
+    tensorboard_dir: str = ""
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="prism-train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="the run's YAML file")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config value, e.g. --set optim.lr=1e-3 (repeatable)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the newest complete checkpoint in checkpoint.dir (if any)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    try:
+        cfg = load_config(args.config, args.set)
+        train(cfg, resume=args.resume)
+    except (ConfigError, checkpoint.CheckpointError) as e:
+        sys.exit(f"prism-train: error: {e}")
+
+
+def train(cfg: RunConfig, resume: bool = False, progress=None) -> RunSummary:
+    """Train as `cfg` says; rank 0 hands its progress lines to `progress` (default: the log)."""
+    ckpt_dir = Path(cfg.checkpoint.dir)
+    # Pick (and check) the checkpoint before any heavy start-up, so a bad one fails fast.
+    start_from = checkpoint.newest(ckpt_dir) if resume else None
+    if not resume and checkpoint.committed(ckpt_dir):
+        raise checkpoint.CheckpointError(
+            f"{ckpt_dir} already holds checkpoints (newest {checkpoint.committed(ckpt_dir)[-1].name}); "
+            "pass --resume to continue that run, or choose another checkpoint.dir")
+
+    # Without a GPU, megatron-core warns at import that fused kernels are missing, and DeepSpeed that
+    # it picked the CPU: expected here, noise in every run's output.
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    import deepspeed
+    from deepspeed.utils import logger as ds_logger
+
+    from prism_megatron.data_prep.loader import DistributedBatchLoader, PackedDataset
+    from prism_megatron.model import PrismLM
+    from prism_megatron.parallel import deepspeed_mpu, destroy_parallel, initialize_parallel
+
+    ds_logger.setLevel(logging.WARNING)
+    # A bare call becomes rank 0 of 1 (and sets RANK etc., which DeepSpeed needs to skip MPI discovery).
+    initialize_parallel(cfg.parallel, cfg.training.seed)
+    mpu = deepspeed_mpu()
+    dp_rank, dp_size = mpu.get_data_parallel_rank(), mpu.get_data_parallel_world_size()
+    rank0 = dist.get_rank() == 0
+    progress = (progress or log.info) if rank0 else (lambda line: None)
+    t, o = cfg.training, cfg.optim
+    if t.global_batch_size % (t.micro_batch_size * dp_size):
+        raise ConfigError(f"training.global_batch_size={t.global_batch_size} must be a multiple of "
+                          f"micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp_size}")
+    grad_accum = t.global_batch_size // (t.micro_batch_size * dp_size)
+    bf16 = t.precision == "bf16" or (t.precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+
+    model = PrismLM(cfg.model, cfg.parallel)
+    # Counted before ZeRO-3 can partition the parameters away.
+    summary = RunSummary(num_parameters=model.num_parameters(), tensorboard_dir=cfg.logging.tensorboard_dir)
+    # nanoGPT's rule: matrices and embeddings decay, vectors (norms, biases, gains) do not.
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": o.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    # An optimizer instance, not DeepSpeed's "optimizer" config entry (which fails at initialize on
+    # the GPU image, see shared/device/NOTES.md); fused on GPUs.
+    optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=torch.cuda.is_available())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, cfg) / o.lr)
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, mpu=mpu,
+        config={
+            "train_batch_size": t.global_batch_size,
+            "train_micro_batch_size_per_gpu": t.micro_batch_size,
+            "gradient_accumulation_steps": grad_accum,
+            "gradient_clipping": o.grad_clip,
+            "zero_optimization": {"stage": t.zero_stage},
+            "bf16": {"enabled": bf16},
+            # ZeRO wraps our AdamW instance.
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 1 << 62,
+        })
+
+    tokens_per_step = t.global_batch_size * cfg.data.seq_length
+    progress(f"model: {summary.num_parameters:,} parameters | {dist.get_world_size()} ranks, dp {dp_size}, "
+             f"grad accum {grad_accum}, ZeRO-{t.zero_stage}, {'bf16' if bf16 else 'fp32'} | "
+             f"{t.train_steps} steps of {tokens_per_step:,} tokens")
+
+    state = checkpoint.TrainState()
+    if start_from is not None:
+        state = checkpoint.load(engine, start_from)
+        progress(f"resumed from {start_from} at step {state.step} ({state.consumed_samples} samples consumed)")
+    elif resume:
+        progress(f"no complete checkpoint in {ckpt_dir}: starting from scratch")
+
+    d = cfg.data
+    train_data = PackedDataset(d.stores, d.weights, d.seq_length, t.seed, t.train_steps * t.global_batch_size,
+                               split="train", valid_fraction=d.valid_fraction)
+    batches = iter(DistributedBatchLoader(train_data, t.micro_batch_size, dp_rank, dp_size,
+                                          consumed_samples=state.consumed_samples,
+                                          num_workers=d.num_workers, with_cu_seqlens=d.with_cu_seqlens))
+    # The same held-out samples at every evaluation, so the val curve compares like with like.
+    eval_samples = cfg.logging.eval_steps * t.micro_batch_size * dp_size
+    valid_data = PackedDataset(d.stores, d.weights, d.seq_length, t.seed, eval_samples,
+                               split="valid", valid_fraction=d.valid_fraction)
+
+    def evaluate() -> float:
+        engine.eval()
+        total = torch.zeros((), dtype=torch.float64, device=engine.device)
+        with torch.no_grad():
+            loader = DistributedBatchLoader(valid_data, t.micro_batch_size, dp_rank, dp_size,
+                                            with_cu_seqlens=d.with_cu_seqlens)
+            for _, batch in zip(range(cfg.logging.eval_steps), loader):
+                total += forward(engine, batch).double()
+        engine.train()
+        return dp_mean(total / cfg.logging.eval_steps, mpu)
+
+    metrics = MetricsLog(cfg.logging.tensorboard_dir) if rank0 else None
+
+    def at(step: int) -> str:
+        return f"step {step:>{len(str(t.train_steps))}}/{t.train_steps}"
+
+    if state.step == 0:
+        summary.val_losses[0] = evaluate()
+        _record(metrics, {"step": 0, "val_loss": summary.val_losses[0]})
+        progress(f"{at(0)} | val loss {summary.val_losses[0]:.4f}")
+
+    interval_time, interval_steps = 0.0, 0
+    # Throughput over this process's steps after its first (which pays for allocations, warm-up).
+    timed_steps, timed_total, first_step = 0, 0.0, state.step + 1
+    while state.step < t.train_steps:
+        started = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
+        micro_losses = []
+        for _ in range(grad_accum):
+            loss = forward(engine, next(batches))
+            engine.backward(loss)
+            engine.step()
+            micro_losses.append(loss.detach().float())
+        loss = dp_mean(torch.stack(micro_losses).mean(), mpu)
+        grad_norm = float(engine.get_global_grad_norm())
+        state.step += 1
+        state.consumed_samples += t.global_batch_size
+        elapsed = time.perf_counter() - started
+        interval_time += elapsed
+        interval_steps += 1
+        if state.step > first_step:
+            timed_steps, timed_total = timed_steps + 1, timed_total + elapsed
+        summary.train_losses[state.step] = loss
+        _record(metrics, {"step": state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm})
+
+        if state.step % cfg.logging.log_interval == 0 or state.step == t.train_steps:
+            tokens_per_sec = interval_steps * tokens_per_step / interval_time
+            _record(metrics, {"step": state.step, "tokens_per_sec": tokens_per_sec})
+            progress(f"{at(state.step)} | loss {loss:.4f} | "
+                     f"lr {lr:.2e} | grad norm {grad_norm:.3f} | {tokens_per_sec:,.0f} tokens/s")
+            interval_time, interval_steps = 0.0, 0
+
+        if state.step % cfg.logging.eval_interval == 0 or state.step == t.train_steps:
+            summary.val_losses[state.step] = evaluate()
+            _record(metrics, {"step": state.step, "val_loss": summary.val_losses[state.step]})
+            progress(f"{at(state.step)} | val loss {summary.val_losses[state.step]:.4f}")
+
+        if state.step % cfg.checkpoint.save_interval == 0 or state.step == t.train_steps:
+            path = checkpoint.save(engine, ckpt_dir, state, to_dict(cfg), cfg.checkpoint.keep_last)
+            summary.checkpoint = str(path)
+            progress(f"saved checkpoint {path}")
+
+    summary.tokens_per_sec = timed_steps * tokens_per_step / timed_total if timed_total else 0.0
+    if metrics is not None:
+        metrics.close()
+    destroy_parallel()
+    return summary
+
+
+def lr_at(step: int, cfg: RunConfig) -> float:
+    """Linear warmup to optim.lr over warmup_steps, then a cosine down to optim.min_lr at train_steps."""
+    o, total = cfg.optim, cfg.training.train_steps
+    if step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
+    return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def forward(engine, batch: dict) -> torch.Tensor:
+    tokens, labels = batch["tokens"].to(engine.device), batch["labels"].to(engine.device)
+    if "cu_seqlens" in batch:
+        return engine(tokens, labels, cu_seqlens=batch["cu_seqlens"].to(engine.device))
+    return engine(tokens, labels)
+
+
+def dp_mean(value: torch.Tensor, mpu) -> float:
+    """Mean of a scalar over the data-parallel ranks (the model-parallel ranks already agree)."""
+    value = value.detach().to(torch.float64).clone()  # on the device: NCCL reduces no CPU tensors
+    dist.all_reduce(value, group=mpu.get_data_parallel_group())
+    return value.item() / mpu.get_data_parallel_world_size()
+
+
+class MetricsLog:
+    """Rank 0's record of a run: TensorBoard scalars, and the same numbers as JSON lines.
+
+    The JSON file (`metrics.jsonl` next to the event files) is appended to, so a resumed run
+    continues it; where a step appears twice (work redone after a crash), the last line counts.
+    """
+
+    _SCALARS = {"loss": "train/loss", "val_loss": "val/loss", "lr": "lr", "grad_norm": "grad_norm",
+                "tokens_per_sec": "tokens_per_sec"}
+
+    def __init__(self, folder: str):
+        from torch.utils.tensorboard import SummaryWriter
+
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        self.writer = SummaryWriter(folder)
+        self.jsonl = open(Path(folder) / METRICS_FILE, "a")
+
+    def record(self, values: dict) -> None:
+        for key, value in values.items():
+            if key in self._SCALARS:
+                self.writer.add_scalar(self._SCALARS[key], value, values["step"])
+        self.jsonl.write(json.dumps(values) + "\n")
+        self.jsonl.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+        self.jsonl.close()
+
+
+def read_metrics(folder: str | Path) -> list[dict]:
+    """The records of metrics.jsonl, a later line for the same step and keys replacing an earlier one."""
+    latest: dict[tuple, dict] = {}
+    for line in (Path(folder) / METRICS_FILE).read_text().splitlines():
+        record = json.loads(line)
+        latest[(record["step"], tuple(sorted(record)))] = record
+    return sorted(latest.values(), key=lambda r: r["step"])
+
+
+def _record(metrics: MetricsLog | None, values: dict) -> None:
+    if metrics is not None:
+        metrics.record(values)
+
+
+if __name__ == "__main__":
+    main()
