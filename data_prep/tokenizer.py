@@ -5,11 +5,11 @@ never mixed."""
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 import os
 import random
 import shutil
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -108,7 +108,7 @@ def train_tokenizer(inputs: Sequence[str], output: str, vocab_size: int, model_t
     """Train a sentencepiece model on ``sample_lines`` lines sampled (seeded) from ``inputs``.
 
     ``inputs`` are files, directories or globs, read as ``prism-prep tokenize`` reads them.
-    Returns the path of the written ``.model`` (``output``; a ``.vocab`` is written beside it).
+    Returns the path of the written ``.model`` (``output``).
     """
     from prism_megatron.data_prep.tokenize import discover_inputs, read_documents
 
@@ -122,29 +122,27 @@ def train_tokenizer(inputs: Sequence[str], output: str, vocab_size: int, model_t
     sample = reservoir_sample(_lines(documents), sample_lines, seed)
     if not sample:
         raise ValueError(f"no text found in {', '.join(map(str, inputs))}")
-    output_dir = os.path.dirname(os.path.abspath(output))
-    os.makedirs(output_dir, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=output_dir, prefix=".tokenizer-") as tmp:
-        sample_path = os.path.join(tmp, "sample.txt")
-        with open(sample_path, "w", encoding="utf-8") as f:
-            f.writelines(line + "\n" for line in sample)
-        del sample
-        prefix = os.path.join(tmp, "model")
-        try:
-            spm.SentencePieceTrainer.Train(
-                input=sample_path, model_prefix=prefix, vocab_size=vocab_size,
-                model_type=model_type, byte_fallback=byte_fallback,
-                user_defined_symbols=list(special_tokens), pad_id=PAD_ID, unk_id=UNK_ID,
-                bos_id=BOS_ID, eos_id=EOS_ID, num_threads=os.cpu_count() or 1,
-                # Lossless: keep newlines and runs of spaces (code, poetry) instead of
-                # normalizing them away; with byte fallback a newline becomes a byte piece.
-                normalization_rule_name="identity", remove_extra_whitespaces=False,
-                allow_whitespace_only_pieces=True, minloglevel=1)
-        except RuntimeError as e:
-            raise ValueError(f"sentencepiece training on {sample_lines} sampled lines of "
-                             f"{', '.join(map(str, inputs))} failed: {e}") from e
-        os.replace(prefix + ".vocab", output[:-len(".model")] + ".vocab")
-        os.replace(prefix + ".model", output)
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    # Trained from memory into memory: no temporary path ends up in the model's trainer spec, so
+    # the same sample and settings give the same .model bytes (the tokenizer's identity).
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.Train(
+            sentence_iterator=iter(sample), model_writer=model, vocab_size=vocab_size,
+            model_type=model_type, byte_fallback=byte_fallback,
+            user_defined_symbols=list(special_tokens), pad_id=PAD_ID, unk_id=UNK_ID,
+            bos_id=BOS_ID, eos_id=EOS_ID, num_threads=os.cpu_count() or 1,
+            # Lossless: keep newlines and runs of spaces (code, poetry) instead of
+            # normalizing them away; with byte fallback a newline becomes a byte piece.
+            normalization_rule_name="identity", remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True, minloglevel=1)
+    except RuntimeError as e:
+        raise ValueError(f"sentencepiece training on {sample_lines} sampled lines of "
+                         f"{', '.join(map(str, inputs))} failed: {e}") from e
+    tmp = output + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(model.getvalue())
+    os.replace(tmp, output)
     return output
 
 
