@@ -3,7 +3,6 @@ model's weights, split, computes what TP=1 computes, and trains the same way."""
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 
 import pytest
@@ -11,7 +10,7 @@ import torch
 import torch.multiprocessing as mp
 
 from prism_megatron.config import ModelConfig, ParallelConfig
-from prism_megatron.parallel import ShardSpec, padded_vocab_size
+from prism_megatron.parallel import ShardSpec, free_port, padded_vocab_size
 
 # vocab 100 exercises the padding of the vocab-parallel embedding and head.
 TINY = dict(vocab_size=100, hidden_size=32, num_layers=2, num_heads=4, head_k_dim=8, head_v_dim=8,
@@ -21,12 +20,6 @@ ATOL, RTOL = 2e-5, 1e-4
 STEPS = 3
 # Small enough that AdamW's normalisation of near-zero gradients keeps rounding differences small.
 LR = 1e-3
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _entry(rank, world, port, fn, args, errors):
@@ -44,7 +37,7 @@ def run_distributed(world: int, fn, *args) -> None:
     """Run fn(*args) on `world` gloo processes; fail with the first failing rank's traceback."""
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, errors)) for r in range(world)]
     for p in procs:
         p.start()

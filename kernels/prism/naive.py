@@ -16,14 +16,12 @@ def state_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def sequence_spans(batch: int, length: int, cu_seqlens: torch.Tensor | None) -> list[tuple[int, int, int]]:
-    """(batch row, start, end) of every independent sequence, in the order of their states."""
+    """(batch row, start, end) of every independent sequence, in the order of their states.
+
+    cu_seqlens is trusted here: prism_megatron.ops.prism_recurrence checks the contract."""
     if cu_seqlens is None:
         return [(b, 0, length) for b in range(batch)]
-    if batch != 1:
-        raise ValueError(f"cu_seqlens needs a packed batch of 1, got batch size {batch}")
     bounds = cu_seqlens.tolist()
-    if bounds[0] != 0 or bounds[-1] != length or any(e < s for s, e in zip(bounds, bounds[1:])):
-        raise ValueError(f"cu_seqlens must rise from 0 to T={length}, got {bounds}")
     return [(0, s, e) for s, e in zip(bounds, bounds[1:])]
 
 
