@@ -1,7 +1,7 @@
 """Times the Triton PRISM kernel against fla's Gated DeltaNet kernel and against PRISM run the
 generic way (fla's DPLR delta rule over the L-times longer sequence), forward and forward+backward,
 with peak memory, on one GPU. Prints a markdown table (ratios against Gated DeltaNet in the same
-run) and a per-kernel time breakdown of PRISM L = 3.
+run), and on request the CUDA time per kernel.
 
     python benchmarks/prism_kernel.py [--out results.md]
 
@@ -96,14 +96,14 @@ def measure(make_inputs, make_call):
     return fwd, both, peak
 
 
-def kernel_breakdown(B, T, H, D, L):
-    """CUDA time per kernel (ms per forward+backward) of PRISM at one shape."""
-    x = prism_inputs(B, T, H, D, L)
+def kernel_breakdown(make_inputs, make_call):
+    """CUDA time per kernel (ms per forward+backward), the largest first."""
+    x = make_inputs()
     for t in x.values():
         if t is not None:
             t.requires_grad_()
-    fn = prism_call(x)
-    do = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16)
+    fn = make_call(x)
+    do = torch.randn_like(fn())
     for _ in range(3):
         torch.autograd.backward(fn(), do)
     torch.cuda.synchronize()
@@ -116,13 +116,18 @@ def kernel_breakdown(B, T, H, D, L):
     for evt in prof.events():
         if evt.device_type == torch.autograd.DeviceType.CUDA:
             totals[evt.name.split("(")[0][:60]] += evt.device_time / 1e3 / steps
-    return totals.most_common(12)
+    return totals.most_common(14)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="also write the markdown table here")
     parser.add_argument("--L", type=int, nargs="+", default=[1, 2, 3, 4], help="PRISM ranks to time")
+    parser.add_argument("--shapes", type=int, nargs="+", default=list(range(len(SHAPES))),
+                        help=f"indices into {SHAPES} (B, T, H, K=V)")
+    parser.add_argument("--no-dplr", action="store_true", help="skip the expanded DPLR baseline")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also print CUDA time per kernel of Gated DeltaNet and of each PRISM L at the first shape")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     import fla.ops.common.chunk_o as fla_chunk_o
@@ -145,25 +150,41 @@ def main():
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for line in header:
         emit(line)
-    for B, T, H, D in SHAPES:
-        shape = f"{B}, {T}, {H}, {D}"
-        runs = [("fla Gated DeltaNet", lambda: prism_inputs(B, T, H, D, 1), gdn_call)]
-        runs += [(f"PRISM Triton L={L}", lambda L=L: prism_inputs(B, T, H, D, L), prism_call) for L in args.L]
-        runs += [("fla DPLR, 3x expanded (PRISM L=3)", lambda: dplr_inputs(B, T, H, D, 3), dplr_call)]
-        base = None
-        for name, make_inputs, make_call in runs:
-            log.info("timing %s at %s", name, shape)
-            try:
-                fwd, both, peak = measure(make_inputs, make_call)
-            except torch.OutOfMemoryError:
-                emit(f"| {shape} | {name} | out of memory | | | | | |")
-                continue
-            base = base or (fwd, both, peak)
-            emit(f"| {shape} | {name} | {fwd:.3f} | {both:.3f} | {fwd / base[0]:.2f} | {both / base[1]:.2f} "
-                 f"| {peak:.2f} | {peak / base[2]:.2f} |")
-        if (B, T, H, D) == SHAPES[0]:
-            emit(f"PRISM L=3 at B={B} T={T} H={H} K=V={D}, CUDA ms per forward+backward by kernel: "
-                 + ", ".join(f"{name} {ms:.3f}" for name, ms in kernel_breakdown(B, T, H, D, 3)))
+    runs, bases = [], {}
+    for i_shape in args.shapes:
+        B, T, H, D = SHAPES[i_shape]
+        runs.append((i_shape, "fla Gated DeltaNet", lambda B=B, T=T, H=H, D=D: prism_inputs(B, T, H, D, 1), gdn_call))
+        runs += [(i_shape, f"PRISM Triton L={L}", lambda B=B, T=T, H=H, D=D, L=L: prism_inputs(B, T, H, D, L),
+                  prism_call) for L in args.L]
+    for run in runs:
+        time_row(run, bases, emit)
+    if args.breakdown:
+        B, T, H, D = SHAPES[args.shapes[0]]
+        for i_shape, name, make_inputs, make_call in runs:
+            if i_shape == args.shapes[0]:
+                emit(f"{name} at B={B} T={T} H={H} K=V={D}, CUDA ms per forward+backward by kernel: "
+                     + ", ".join(f"{k} {ms:.3f}" for k, ms in kernel_breakdown(make_inputs, make_call)))
+    # The expanded DPLR baseline autotunes for minutes per shape, so it comes last.
+    if not args.no_dplr:
+        for i_shape in args.shapes:
+            time_row((i_shape, "fla DPLR, 3x expanded (PRISM L=3)", lambda i_shape=i_shape: dplr_inputs(*SHAPES[i_shape], 3),
+                      dplr_call), bases, emit)
+
+
+def time_row(run, bases, emit):
+    """Times one (shape index, name, make_inputs, make_call) and emits its table row, with ratios against
+    the first row timed at that shape."""
+    i_shape, name, make_inputs, make_call = run
+    shape = ", ".join(map(str, SHAPES[i_shape]))
+    log.info("timing %s at %s", name, shape)
+    try:
+        fwd, both, peak = measure(make_inputs, make_call)
+    except torch.OutOfMemoryError:
+        emit(f"| {shape} | {name} | out of memory | | | | | |")
+        return
+    base = bases.setdefault(i_shape, (fwd, both, peak))
+    emit(f"| {shape} | {name} | {fwd:.3f} | {both:.3f} | {fwd / base[0]:.2f} | {both / base[1]:.2f} "
+         f"| {peak:.2f} | {peak / base[2]:.2f} |")
 
 
 if __name__ == "__main__":
