@@ -1,11 +1,18 @@
 """Chunk-parallel PRISM recurrence in Triton: forward and backward as one autograd function.
 
-The forward runs three kernels (PRISM.md section 4): wy.py (decay cumsum, triangular solve, WY
-vectors W^ and pseudo-values U~), state.py (the inter-chunk state scan, which also forms
-U = U~ - W^ S_0) and output.py. Only the inputs are kept for the backward, which recomputes the
-chunk quantities and states (cheaper than storing them), runs the reverse state scan, then the
-chunk-local gradients (local_grad.py, one kernel for the erasure key and one for the
-extra keys) and the gradients through the triangular system (wy.py).
+The forward runs four kernels (PRISM.md section 4): solve.py (decay cumsum G and the triangular
+inverse T), wy.py (WY vectors W^ and pseudo-values U~), state.py (the inter-chunk state scan, which
+also forms U = U~ - W^ S_0) and output.py. G and T are kept for the backward, which recomputes W^,
+U~ and the states from them (cheaper than storing the states), runs the reverse state scan, then
+the chunk-local gradients (local_grad.py, one kernel for the erasure key and one for the extra
+keys) and the gradients through the triangular system (wy.py).
+
+For 16-bit inputs, products take bfloat16 operands as in fla's Gated DeltaNet kernels, except those
+of the forward that decide the output's precision (the triangular inverse, T times the right-hand
+sides, the state scan and the output itself), which take TF32 ones. The pseudo-values U~ and U and
+the forward's chunk states are kept in float32, the other intermediates in the input dtype; decays
+and all accumulations are float32. Rounded to bfloat16 like fla's, these intermediates alone cost
+o a relative error of 5-8e-3, over this op's 5e-3 budget (tests/test_prism_triton.py).
 
 Sequences are always handled as packed: a batch of B rows of length T is B sequences of
 cu_seqlens = [0, T, 2T, ...] over the flattened tokens, and every chunk lies inside one sequence.
@@ -17,6 +24,7 @@ import triton
 
 from .local_grad import erase_key_grad_kernel, extra_key_grad_kernel
 from .output import output_fwd_kernel
+from .solve import solve_kernel
 from .state import state_bwd_kernel, state_fwd_kernel
 from .wy import wy_bwd_kernel, wy_fwd_kernel
 
@@ -43,41 +51,68 @@ class ChunkLayout:
 
 
 def _meta(q: torch.Tensor, d: torch.Tensor) -> dict:
-    """Block sizes: whole key rows (BK), value columns in blocks of BV, narrower where float32 tiles
-    or K = 256 would overflow Hopper's 227 KiB of shared memory."""
+    """Block sizes: whole key rows (BK), value columns in blocks of BV: 64 for 16-bit inputs, 16 for
+    float32 ones, whose tiles take twice the shared memory. (16-bit blocks of 32 value columns hit an
+    illegal memory access on the H200 under Triton 3.6, not understood yet: see docs/PERFORMANCE.md.)"""
     K, L, V = q.shape[-1], d.shape[-2], d.shape[-1]
     BK = max(16, triton.next_power_of_2(K))
     ieee = q.dtype == torch.float32
-    BV = 16 if ieee else 32 if BK > 128 else 64
-    return dict(K=K, V=V, L=L, BK=BK, BV=min(BV, max(16, triton.next_power_of_2(V))),
-                IEEE=ieee, num_warps=4 if BK <= 64 else 8)
+    BV = 16 if ieee else 64
+    return dict(K=K, V=V, L=L, BK=BK, BV=min(BV, max(16, triton.next_power_of_2(V))), IEEE=ieee)
 
 
-def _scan_stages(m: dict) -> int:
-    """Software-pipelining depth of the state scans: each stage buffers a chunk's tiles of k, kx, d,
-    w and u~, which in float32 leaves no room for a second."""
-    return 1 if m["IEEE"] else 2
+# Warps per kernel at BK = 128, from per-kernel timings on an H200 (docs/PERFORMANCE.md); the
+# backward's gradient kernels hold several [C, BK] float32 accumulators and want the registers of 8.
+WARPS = dict(solve=1, wy_fwd=4, state_fwd=4, output=4, state_bwd=8, erase_key_grad=8, extra_key_grad=8, wy_bwd=4,
+             wy_bwd_extra_keys=8)
 
 
-def _chunk_states(q, k, d, kx, beta, g, initial_state, layout, output_final_state):
-    """wy.py then state.py: the per-chunk quantities and the state at each chunk's start."""
-    TT, H, K = q.shape
-    m = _meta(q, d)
+def _warps(kernel: str, m: dict) -> int:
+    """Half as many warps for K <= 64, whose tiles are half as large."""
+    return max(1, WARPS[kernel] // 2) if m["BK"] <= 64 else WARPS[kernel]
+
+
+def _stages(m: dict) -> int:
+    """Software-pipelining depth of the loops over chunks (state scans) and value blocks (wy_fwd): each
+    stage buffers a chunk's tiles of k, w, the L - 1 extra keys, u~ and the L directions. Two stages
+    where this estimate of them fits in Hopper's 227 KiB of shared memory (L = 3 at K = 128 in 16 bits
+    is the largest that compiled with two), else one."""
+    size = 4 if m["IEEE"] else 2
+    per_stage = CHUNK * (m["BK"] * (m["L"] + 1) * size + m["BV"] * (4 + m["L"] * size))
+    return 2 if 2 * per_stage <= 210 * 1024 else 1
+
+
+def _solve(k, beta, g, layout):
+    """solve.py: G (float32) and T (the input dtype), per token and head."""
+    TT, H, K = k.shape
+    g_cum = torch.empty(TT, H, dtype=torch.float32, device=k.device)
+    t_mat = torch.empty(TT, H, CHUNK, dtype=k.dtype, device=k.device)
+    solve_kernel[(layout.num_chunks, H)](k, beta, g, g_cum, t_mat, layout.chunks, H=H, K=K, L=beta.shape[-1], C=CHUNK,
+                                         BK=max(16, triton.next_power_of_2(K)), IEEE=k.dtype == torch.float32,
+                                         num_warps=WARPS["solve"])
+    return g_cum, t_mat
+
+
+def _chunk_states(k, d, kx, beta, g_cum, t_mat, initial_state, layout, output_final_state, states_dtype):
+    """wy.py then state.py: W^, U~, the state at each chunk's start (kept in states_dtype), U and the
+    final states."""
+    TT, H, K = k.shape
+    m = _meta(k, d)
     V = m["V"]
-    g_cum = torch.empty(TT, H, dtype=torch.float32, device=q.device)
-    t_mat = torch.empty(TT, H, CHUNK, dtype=torch.float32, device=q.device)
-    w = torch.empty(TT, H, K, dtype=q.dtype, device=q.device)
-    # The pseudo-values stay float32: in 16 bits their rounding alone costs ~1e-3 of relative error in o.
-    u_tilde = torch.empty(TT, H, V, dtype=torch.float32, device=q.device)
-    wy_fwd_kernel[(layout.num_chunks, H)](k, kx, d, beta, g, g_cum, t_mat, w, u_tilde, layout.chunks,
-                                          H=H, C=CHUNK, **m)
-    states = torch.empty(layout.num_chunks, H, K, V, dtype=q.dtype, device=q.device)
-    u = torch.empty(TT, H, V, dtype=torch.float32, device=q.device)
-    final = torch.empty(layout.num_seqs, H, K, V, dtype=torch.float32, device=q.device) if output_final_state else None
+    w = torch.empty(TT, H, K, dtype=k.dtype, device=k.device)
+    # The pseudo-values stay float32: rounding them to 16 bits costs 2-3e-3 of relative error in o
+    # (they are small differences of larger terms once the state has learned its keys); so does U.
+    u_tilde = torch.empty(TT, H, V, dtype=torch.float32, device=k.device)
+    wy_fwd_kernel[(layout.num_chunks, H)](k, kx, d, beta, g_cum, t_mat, w, u_tilde, layout.chunks,
+                                          H=H, C=CHUNK, num_warps=_warps("wy_fwd", m), num_stages=_stages(m), **m)
+    states = torch.empty(layout.num_chunks, H, K, V, dtype=states_dtype, device=k.device)
+    u = torch.empty(TT, H, V, dtype=torch.float32, device=k.device)
+    final = torch.empty(layout.num_seqs, H, K, V, dtype=torch.float32, device=k.device) if output_final_state else None
     state_fwd_kernel[(layout.num_seqs, H, triton.cdiv(V, m["BV"]))](
         k, kx, d, beta, g_cum, w, u_tilde, initial_state, states, u, final, layout.cu_seqlens, layout.chunk_offsets,
-        H=H, C=CHUNK, HAS_H0=initial_state is not None, STORE_FINAL=output_final_state, num_stages=_scan_stages(m), **m)
-    return g_cum, t_mat, w, u_tilde, states, u, final
+        H=H, C=CHUNK, HAS_H0=initial_state is not None, STORE_FINAL=output_final_state,
+        num_warps=_warps("state_fwd", m), num_stages=_stages(m), **m)
+    return w, u_tilde, states, u, final
 
 
 class ChunkPrismFunction(torch.autograd.Function):
@@ -86,59 +121,67 @@ class ChunkPrismFunction(torch.autograd.Function):
         TT, H, K = q.shape
         m = _meta(q, d)
         kx_arg = k if kx is None else kx
-        g_cum, _, _, _, states, u, final = _chunk_states(q, k, d, kx_arg, beta, g, initial_state, layout,
-                                                         output_final_state)
+        g_cum, t_mat = _solve(k, beta, g, layout)
+        _, _, states, u, final = _chunk_states(k, d, kx_arg, beta, g_cum, t_mat, initial_state, layout,
+                                               output_final_state, torch.float32)
         o = torch.empty(TT, H, m["V"], dtype=q.dtype, device=q.device)
         output_fwd_kernel[(layout.num_chunks, H, triton.cdiv(m["V"], m["BV"]))](
-            q, k, kx_arg, d, beta, g_cum, states, u, o, layout.chunks, scale, H=H, C=CHUNK, **m)
-        ctx.save_for_backward(q, k, d, kx, beta, g, initial_state)
-        ctx.scale, ctx.layout = scale, layout
+            q, k, kx_arg, d, beta, g_cum, states, u, o, layout.chunks, scale, H=H, C=CHUNK,
+            num_warps=_warps("output", m), **m)
+        ctx.save_for_backward(q, k, d, kx, beta, initial_state, g_cum, t_mat)
+        ctx.scale, ctx.layout, ctx.g_dtype = scale, layout, g.dtype
         return o, final
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, d, kx, beta, g, initial_state = ctx.saved_tensors
+        q, k, d, kx, beta, initial_state, g_cum, t_mat = ctx.saved_tensors
         scale, layout = ctx.scale, ctx.layout
         TT, H, K = q.shape
         m = _meta(q, d)
         V, L = m["V"], m["L"]
         kx_arg = k if kx is None else kx
-        g_cum, t_mat, w, u_tilde, states, u, _ = _chunk_states(q, k, d, kx_arg, beta, g, initial_state, layout, False)
+        # The forward's output takes the states as TF32 operands, the backward's products as bfloat16 ones.
+        w, u_tilde, states, u, _ = _chunk_states(k, d, kx_arg, beta, g_cum, t_mat, initial_state, layout, False,
+                                                 q.dtype)
 
         f32 = dict(dtype=torch.float32, device=q.device)
         do = do.contiguous()
-        d_states = torch.empty_like(states)
-        du = torch.empty(TT, H, V, **f32)
+        d_states = torch.empty(states.shape, dtype=q.dtype, device=q.device)
+        du = torch.empty(TT, H, V, dtype=q.dtype, device=q.device)
         dh0 = torch.empty(layout.num_seqs, H, K, V, **f32) if initial_state is not None else None
         state_bwd_kernel[(layout.num_seqs, H, triton.cdiv(V, m["BV"]))](
             q, k, w, g_cum, do, dht, dh0, d_states, du, layout.cu_seqlens, layout.chunk_offsets, scale,
-            H=H, C=CHUNK, HAS_DHT=dht is not None, HAS_H0=initial_state is not None, num_stages=_scan_stages(m),
-            **{key: m[key] for key in ("K", "V", "BK", "BV", "IEEE", "num_warps")})
+            H=H, C=CHUNK, HAS_DHT=dht is not None, HAS_H0=initial_state is not None, num_warps=_warps("state_bwd", m),
+            num_stages=_stages(m), **{key: m[key] for key in ("K", "V", "BK", "BV", "IEEE")})
 
-        dq_acc = torch.empty(TT, H, L, K, **f32)
+        dq_acc = torch.empty(TT, H, K, **f32)
         dg_acc = torch.empty(TT, H, L, **f32)
-        dk = torch.empty(TT, H, K, **f32)
+        dk_acc = torch.empty(TT, H, K, **f32)
         # With L = 1 the extra-key buffers are never touched: stand-ins keep every pointer valid.
-        dkx = torch.empty(TT, H, L - 1, K, **f32) if L > 1 else dk
+        dkx_acc = torch.empty(TT, H, L - 1, K, **f32) if L > 1 else dk_acc
         dd = torch.empty_like(d)
-        dbeta = torch.empty(TT, H, L, **f32)
+        dbeta_acc = torch.empty(TT, H, L, **f32)
         d_a = torch.empty(TT, H, CHUNK, **f32)
         d_b = torch.empty(TT, H, L - 1, CHUNK, **f32) if L > 1 else d_a
         erase_key_grad_kernel[(layout.num_chunks, H)](
             q, k, d, beta, g_cum, t_mat, w, u_tilde, states, u, d_states, du, do,
-            dq_acc, dk, dd, dbeta, dg_acc, d_a, layout.chunks, scale, H=H, C=CHUNK, num_stages=1, **m)
+            dq_acc, dk_acc, dd, dbeta_acc, dg_acc, d_a, layout.chunks, scale, H=H, C=CHUNK,
+            num_warps=_warps("erase_key_grad", m), num_stages=1, **m)
         if L > 1:
             extra_key_grad_kernel[(layout.num_chunks, H, L - 1)](
                 q, k, kx, d, beta, g_cum, t_mat, d_states, du, do,
-                dq_acc, dkx, dd, dbeta, dg_acc, d_b, layout.chunks, scale, H=H, C=CHUNK, num_stages=1, **m)
-        dq = torch.empty_like(q)
-        dg = torch.empty(TT, H, **f32)
+                dkx_acc, dd, dbeta_acc, dg_acc, d_b, layout.chunks, scale, H=H, C=CHUNK,
+                num_warps=_warps("extra_key_grad", m), num_stages=1, **m)
+        del w, u_tilde, states, u, d_states, du  # lowers the peak: the outputs below can take their memory
+        dq, dk, dbeta = torch.empty_like(q), torch.empty_like(k), torch.empty_like(beta)
+        dkx = torch.empty_like(kx) if kx is not None else dk
+        dg = torch.empty(TT, H, dtype=ctx.g_dtype, device=q.device)
         wy_bwd_kernel[(layout.num_chunks, H)](
-            k, kx_arg, beta, g_cum, d_a, d_b, dq_acc, dg_acc, dk, dkx, dbeta, dq, dg, layout.chunks,
-            H=H, C=CHUNK, **{key: m[key] for key in ("K", "L", "BK", "IEEE", "num_warps")})
-        dkx = dkx.to(kx.dtype) if kx is not None else None
+            q, k, kx_arg, d, beta, g_cum, do, d_a, d_b, dq_acc, dg_acc, dk_acc, dkx_acc, dbeta_acc, dq, dk, dkx, dbeta,
+            dg, layout.chunks, scale, H=H, C=CHUNK, num_warps=_warps("wy_bwd" if L == 1 else "wy_bwd_extra_keys", m), **m)
+        dkx = dkx if kx is not None else None
         dh0 = dh0.to(initial_state.dtype) if dh0 is not None else None
-        return dq, dk.to(k.dtype), dd, dkx, dbeta.to(beta.dtype), dg.to(g.dtype), None, dh0, None, None
+        return dq, dk, dd, dkx, dbeta, dg, None, dh0, None, None
 
 
 def _check_kernel_limits(q: torch.Tensor, d: torch.Tensor) -> None:

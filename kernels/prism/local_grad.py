@@ -3,7 +3,7 @@ start state S_0, pseudo-values U, the end-state gradient dS = dL/dS_C and the ps
 dU from state.py's backward scan. Two kernels, so that each fits in shared memory: one program per
 (chunk, head) for the erasure key, one per (chunk, head, extra key).
 
-Final here: dd. Partial (float32, finished by wy.py's backward): dq and dG (one slot per key), dk,
+Final here: dd. Partial (float32, finished by wy.py's backward): dq, dG (one slot per key), dk,
 dkx, dbeta, and the kernel-matrix gradients dA = -strict-lower(dX W^T + dR U~^T),
 dB^l = -strict-lower(dR (W^l)^T), where dX = T^T dW^ and dR = T^T dU~ are the gradients of the two
 right-hand sides of the triangular solve. Transposed products are formed from operands loaded
@@ -12,7 +12,7 @@ transposed, never by transposing a product.
 import triton
 import triton.language as tl
 
-from .tiles import chunk_decay, chunk_rows, load_rows, load_rows_t, mm_bf16
+from .tiles import chunk_decay, chunk_rows, load_rows, load_rows_t, mm
 
 
 @triton.jit
@@ -57,52 +57,52 @@ def erase_key_grad_kernel(
         m_v = o_v < V
         kv_t = o_k[None, :] * V + o_v[:, None]
         m_kv_t = m_k[None, :] & m_v[:, None]
-        b_ht = tl.load(states + state_off + kv_t, mask=m_kv_t, other=0.0).to(tl.float32)
-        b_dht = tl.load(d_states + state_off + kv_t, mask=m_kv_t, other=0.0).to(tl.float32)
+        b_ht = tl.load(states + state_off + kv_t, mask=m_kv_t, other=0.0)
+        b_dht = tl.load(d_states + state_off + kv_t, mask=m_kv_t, other=0.0)
         b_u = load_rows(u, row * V, m_c, o_v, V)
         b_du = load_rows(du, row * V, m_c, o_v, V)
         b_do = load_rows(do, row * V, m_c, o_v, V)
-        b_dq += mm_bf16(b_do, b_ht, IEEE)
-        b_dP += mm_bf16(b_do, tl.trans(b_u), IEEE)
-        b_udo += mm_bf16(b_u, tl.trans(b_do), IEEE)
-        b_dkst += mm_bf16(b_u, b_dht, IEEE)
-        b_dw -= mm_bf16(b_du, b_ht, IEEE)
-        b_hdh += tl.sum(b_ht * b_dht, 0)
-        b_dr = mm_bf16(b_Tt, b_du, IEEE)
-        b_dru += mm_bf16(b_dr, tl.trans(load_rows(u_tilde, row * V, m_c, o_v, V)), IEEE)
-        b_db1 += tl.sum(b_dr * load_rows(d, row * L * V, m_c, o_v, V), 1)
+        b_dq += mm(b_do, b_ht, IEEE)
+        b_dP += mm(b_do, tl.trans(b_u), IEEE)
+        b_udo += mm(b_u, tl.trans(b_do), IEEE)
+        b_dkst += mm(b_u, b_dht, IEEE)
+        b_dw -= mm(b_du, b_ht, IEEE)
+        b_hdh += tl.sum(b_ht.to(tl.float32) * b_dht.to(tl.float32), 0)
+        b_dr = mm(b_Tt, b_du, IEEE)
+        b_dru += mm(b_dr, tl.trans(load_rows(u_tilde, row * V, m_c, o_v, V)), IEEE)
+        b_db1 += tl.sum(b_dr * load_rows(d, row * L * V, m_c, o_v, V).to(tl.float32), 1)
         tl.store(dd + (row * L)[:, None] * V + o_v[None, :], (b_dr * b_b1[:, None]).to(dd.dtype.element_ty),
                  mask=m_c[:, None] & m_v[None, :])
 
     # Output: O = scale [diag(gamma) Q S_0 + (M * Q K^T) U].
     b_dq *= (scale * b_gam)[:, None]
-    b_dG = tl.sum(b_dq * b_q, 1)
+    b_dG = tl.sum(b_dq * b_q.to(tl.float32), 1)
     b_dP *= scale
     # Diagonal entries (exp(G_r - G_r)) cancel between row and column sums: drop them, or they cost
     # float32 cancellation where every off-diagonal decay is tiny.
-    b_z = tl.where(strict, b_dP * b_M * mm_bf16(b_q, tl.trans(b_k), IEEE), 0.0)
+    b_z = tl.where(strict, b_dP * b_M * mm(b_q, tl.trans(b_k), IEEE), 0.0)
     b_dG += tl.sum(b_z, 1) - tl.sum(b_z, 0)
-    b_dq += mm_bf16(b_dP * b_M, b_k, IEEE)
-    b_dk = mm_bf16(b_udo * b_Mt * scale, b_q, IEEE)
+    b_dq += mm(b_dP * b_M, b_k, IEEE)
+    b_dk = mm(b_udo * b_Mt * scale, b_q, IEEE)
     # End state: S_C = gamma_C S_0 + K^T diag(gamma_C / gamma) U + ...
     b_dkst *= b_dec[:, None]
-    b_z = tl.where(tok == t_last, 0.0, tl.sum(b_dkst * b_k, 1))  # the last row's decay is exp(0)
+    b_z = tl.where(tok == t_last, 0.0, tl.sum(b_dkst * b_k.to(tl.float32), 1))  # the last row's decay is exp(0)
     dg_last = tl.sum(b_z, 0) + tl.exp(g_last) * tl.sum(b_hdh, 0)
     b_dG -= b_z
     b_dk += b_dkst
     # W^ = T X with X = diag(b1 gamma) K.
-    b_dx = mm_bf16(b_Tt, b_dw, IEEE)
+    b_dx = mm(b_Tt, b_dw, IEEE)
     b_bg = b_b1 * b_gam
     b_dk += b_bg[:, None] * b_dx
-    b_xk = tl.sum(b_dx * b_k, 1)
+    b_xk = tl.sum(b_dx * b_k.to(tl.float32), 1)
     b_db1 += b_xk * b_gam
     b_dG += b_xk * b_bg
     b_wt = load_rows_t(w, row * K, m_c, o_k, K)
-    b_dA = -tl.where(strict, mm_bf16(b_dx, b_wt, IEEE) + b_dru, 0.0)
+    b_dA = -tl.where(strict, mm(b_dx, b_wt, IEEE) + b_dru, 0.0)
     tl.store(d_a + row[:, None] * C + o_c[None, :], b_dA, mask=m_c[:, None])
 
     b_dG += tl.where(tok == t_last, dg_last, 0.0)
-    tl.store(dq_acc + (row * L)[:, None] * K + o_k[None, :], b_dq, mask=m_ck)
+    tl.store(dq_acc + row[:, None] * K + o_k[None, :], b_dq, mask=m_ck)
     tl.store(dk + row[:, None] * K + o_k[None, :], b_dk, mask=m_ck)
     tl.store(dbeta + row * L, b_db1, mask=m_c)
     tl.store(dg_acc + row * L, b_dG, mask=m_c)
@@ -111,12 +111,13 @@ def erase_key_grad_kernel(
 @triton.jit
 def extra_key_grad_kernel(
     q, k, kx, d, beta, g_cum, t_mat, d_states, du, do,
-    dq_acc, dkx, dd, dbeta, dg_acc, d_b, chunks, scale,
+    dkx, dd, dbeta, dg_acc, d_b, chunks, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr,
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr,
 ):
     """Key l = 2..L: its output term (M * Q (Kappa^l)^T) W^l, state term (Kappa^l)^T diag(gamma_C/gamma) W^l
-    and right-hand side term -B^l W^l of the triangular solve, W^l = diag(b^l) D^l."""
+    and right-hand side term -B^l W^l of the triangular solve, W^l = diag(b^l) D^l. The output term's
+    gradient in q is left to wy.py's backward, which sums dq without a partial per key."""
     i_c, i_h, l = tl.program_id(0), tl.program_id(1), tl.program_id(2) + 1
     t0, t_end, tok, m_c, row = chunk_rows(chunks, i_c, i_h, H, C)
     o_c = tl.arange(0, C)
@@ -131,18 +132,16 @@ def extra_key_grad_kernel(
     b_G = tl.load(g_cum + row, mask=m_c, other=0.0)
     g_last = tl.load(g_cum + t_last * H + i_h)
     b_dec = tl.where(m_c, tl.exp(g_last - b_G), 0.0)
-    b_M = chunk_decay(b_G, m_c, True, False, C)
     b_Mt = chunk_decay(b_G, m_c, False, False, C)
     b_b1 = tl.load(beta + row * L, mask=m_c, other=0.0).to(tl.float32)
     b_bl = tl.load(beta + row * L + l, mask=m_c, other=0.0).to(tl.float32)
     b_q = load_rows(q, row * K, m_c, o_k, K)
     b_kx = load_rows(kx, x_row * K, m_c, o_k, K)
     b_Tt = tl.load(t_mat + row[None, :] * C + o_c[:, None], mask=m_c[None, :], other=0.0)
-    b_plt = b_Mt * mm_bf16(b_kx, tl.trans(b_q), IEEE)
-    b_blt = chunk_decay(b_G, m_c, False, True, C) * b_b1[None, :] * mm_bf16(
+    b_plt = b_Mt * mm(b_kx, tl.trans(b_q), IEEE)
+    b_blt = chunk_decay(b_G, m_c, False, True, C) * b_b1[None, :] * mm(
         b_kx, tl.trans(load_rows(k, row * K, m_c, o_k, K)), IEEE)
 
-    b_dPl = tl.zeros([C, C], dtype=tl.float32)     # dO (W^l)^T
     b_wdo = tl.zeros([C, C], dtype=tl.float32)     # W^l dO^T
     b_dBl = tl.zeros([C, C], dtype=tl.float32)     # dR (W^l)^T
     b_dkxst = tl.zeros([C, BK], dtype=tl.float32)  # W^l dS^T
@@ -151,33 +150,27 @@ def extra_key_grad_kernel(
         o_v = i_v * BV + tl.arange(0, BV)
         m_v = o_v < V
         b_dh = tl.load(d_states + state_off + o_k[:, None] * V + o_v[None, :],
-                       mask=m_k[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+                       mask=m_k[:, None] & m_v[None, :], other=0.0)
         b_dht = tl.load(d_states + state_off + o_k[None, :] * V + o_v[:, None],
-                        mask=m_k[None, :] & m_v[:, None], other=0.0).to(tl.float32)
-        b_dl = load_rows(d, (row * L + l) * V, m_c, o_v, V)
+                        mask=m_k[None, :] & m_v[:, None], other=0.0)
+        b_dl = load_rows(d, (row * L + l) * V, m_c, o_v, V).to(tl.float32)
         b_wl = b_dl * b_bl[:, None]
         b_do = load_rows(do, row * V, m_c, o_v, V)
-        b_dr = mm_bf16(b_Tt, load_rows(du, row * V, m_c, o_v, V), IEEE)
-        b_dPl += mm_bf16(b_do, tl.trans(b_wl), IEEE)
-        b_wdo += mm_bf16(b_wl, tl.trans(b_do), IEEE)
-        b_dkxst += mm_bf16(b_wl, b_dht, IEEE)
-        b_dBl += mm_bf16(b_dr, tl.trans(b_wl), IEEE)
-        b_dwl = (scale * mm_bf16(b_plt, b_do, IEEE) + b_dec[:, None] * mm_bf16(b_kx, b_dh, IEEE)
-                 - mm_bf16(b_blt, b_dr, IEEE))
+        b_dr = mm(b_Tt, load_rows(du, row * V, m_c, o_v, V), IEEE)
+        b_wdo += mm(b_wl, tl.trans(b_do), IEEE)
+        b_dkxst += mm(b_wl, b_dht, IEEE)
+        b_dBl += mm(b_dr, tl.trans(b_wl), IEEE)
+        b_dwl = (scale * mm(b_plt, b_do, IEEE) + b_dec[:, None] * mm(b_kx, b_dh, IEEE)
+                 - mm(b_blt, b_dr, IEEE))
         b_dbl += tl.sum(b_dwl * b_dl, 1)
         tl.store(dd + (row * L + l)[:, None] * V + o_v[None, :], (b_dwl * b_bl[:, None]).to(dd.dtype.element_ty),
                  mask=m_c[:, None] & m_v[None, :])
     tl.store(dbeta + row * L + l, b_dbl, mask=m_c)
     tl.store(d_b + x_row[:, None] * C + o_c[None, :], -tl.where(strict, b_dBl, 0.0), mask=m_c[:, None])
 
-    b_dPl *= scale
-    b_z = tl.where(strict, b_dPl * b_M * mm_bf16(b_q, tl.trans(b_kx), IEEE), 0.0)
-    b_dG = tl.sum(b_z, 1) - tl.sum(b_z, 0)
-    b_dq = mm_bf16(b_dPl * b_M, b_kx, IEEE)
     b_dkxst *= b_dec[:, None]
-    b_z = tl.where(tok == t_last, 0.0, tl.sum(b_dkxst * b_kx, 1))
-    b_dG += tl.where(tok == t_last, tl.sum(b_z, 0), 0.0) - b_z
-    b_dkx = mm_bf16(b_wdo * b_Mt * scale, b_q, IEEE) + b_dkxst
+    b_z = tl.where(tok == t_last, 0.0, tl.sum(b_dkxst * b_kx.to(tl.float32), 1))
+    b_dG = tl.where(tok == t_last, tl.sum(b_z, 0), 0.0) - b_z
+    b_dkx = mm(b_wdo * b_Mt * scale, b_q, IEEE) + b_dkxst
     tl.store(dkx + x_row[:, None] * K + o_k[None, :], b_dkx, mask=m_ck)
-    tl.store(dq_acc + (row * L + l)[:, None] * K + o_k[None, :], b_dq, mask=m_ck)
     tl.store(dg_acc + row * L + l, b_dG, mask=m_c)

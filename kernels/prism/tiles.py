@@ -11,7 +11,8 @@ import triton
 import triton.language as tl
 
 # Triton 3.9's interpreter garbles float32 -> bfloat16 casts of transposed tiles, so under it the
-# bfloat16 products of mm_bf16 run in float32 (the GPU tests cover the bfloat16 path).
+# products round their operands to bfloat16 or TF32 precision by bit arithmetic instead, as the
+# tensor cores would: the CPU tests then see the GPU's rounding error.
 INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 
 
@@ -44,36 +45,51 @@ def state_tile(i_v, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.c
 
 @triton.jit
 def load_rows(ptr, row_off, m_row, cols, ncols):
-    """[rows, cols] float32 tile; row r starts at element row_off[r]."""
+    """[rows, cols] tile in the tensor's own dtype; row r starts at element row_off[r]."""
     mask = m_row[:, None] & (cols < ncols)[None, :]
-    return tl.load(ptr + row_off[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    return tl.load(ptr + row_off[:, None] + cols[None, :], mask=mask, other=0.0)
 
 
 @triton.jit
 def load_rows_t(ptr, row_off, m_row, cols, ncols):
     """The same tile as load_rows, transposed: [cols, rows]."""
     mask = (cols < ncols)[:, None] & m_row[None, :]
-    return tl.load(ptr + row_off[None, :] + cols[:, None], mask=mask, other=0.0).to(tl.float32)
+    return tl.load(ptr + row_off[None, :] + cols[:, None], mask=mask, other=0.0)
+
+
+@triton.jit
+def _rounded(x, DROP: tl.constexpr):
+    """float32 x rounded to nearest-even with its DROP lowest mantissa bits cleared: 16 gives bfloat16's
+    precision, 13 TF32's."""
+    i = x.to(tl.float32).to(tl.int32, bitcast=True)
+    i = (i + ((1 << (DROP - 1)) - 1) + ((i >> DROP) & 1)) & -(1 << DROP)
+    return i.to(tl.float32, bitcast=True)
 
 
 @triton.jit
 def mm(a, b, IEEE: tl.constexpr):
-    """a @ b in float32: exact float32 products for float32 inputs, TF32 for 16-bit ones."""
+    """a @ b accumulated in float32: bfloat16 operands for 16-bit inputs (the tensor-core rate, and
+    half the shared memory of float32 ones), exact float32 products for float32 inputs."""
     if IEEE:
-        c = tl.dot(a, b, input_precision="ieee")
+        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif INTERPRETED:
+        c = tl.dot(_rounded(a, 16), _rounded(b, 16), input_precision="ieee")
     else:
-        c = tl.dot(a, b)
+        c = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
     return c
 
 
 @triton.jit
-def mm_bf16(a, b, IEEE: tl.constexpr):
-    """a @ b with bfloat16 operands for 16-bit inputs (half the shared memory of float32 ones: the
-    backward kernels would not fit otherwise), exact float32 products for float32 inputs."""
-    if IEEE or INTERPRETED:
-        c = tl.dot(a, b, input_precision="ieee")
+def mm_tf32(a, b, IEEE: tl.constexpr):
+    """a @ b with TF32 operands for 16-bit inputs, for the products whose operands carry more precision
+    than bfloat16 keeps (the triangular inverse, the pseudo-values, the states); exact float32
+    products for float32 inputs."""
+    if IEEE:
+        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif INTERPRETED:
+        c = tl.dot(_rounded(a, 13), _rounded(b, 13), input_precision="ieee")
     else:
-        c = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32")
     return c
 
 
