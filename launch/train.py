@@ -96,10 +96,7 @@ def train(cfg: RunConfig, resume: bool = False, progress=None) -> RunSummary:
     model = PrismLM(cfg.model, cfg.parallel)
     # Counted before ZeRO-3 can partition the parameters away.
     summary = RunSummary(num_parameters=model.num_parameters(), tensorboard_dir=cfg.logging.tensorboard_dir)
-    # nanoGPT's rule: matrices and embeddings decay, vectors (norms, biases, gains) do not.
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": o.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    groups = weight_decay_groups(model, o.weight_decay)
     # An optimizer instance, not DeepSpeed's "optimizer" config entry (which fails at initialize on
     # the GPU image, see shared/device/NOTES.md); fused on GPUs.
     optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=torch.cuda.is_available())
@@ -208,6 +205,17 @@ def train(cfg: RunConfig, resume: bool = False, progress=None) -> RunSummary:
         metrics.close()
     destroy_parallel()
     return summary
+
+
+def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups: weights and embeddings decay; biases, norms and other vectors do not.
+    By name as well as by shape, since per-head parameters carry a head dimension: the solver's
+    gain_bias [H, L, V] is a bias all the same."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.dim() < 2 or name.endswith("bias") else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def lr_at(step: int, cfg: RunConfig) -> float:

@@ -130,3 +130,17 @@ def test_presets(name, low, high):
 def test_bad_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=f"model.{field}"):
         ModelConfig(**{field: value}).validate()
+
+
+def test_weight_decay_spares_biases_and_norms():
+    from prism_megatron.launch.train import weight_decay_groups
+
+    model = _model(solver_steps=3)
+    decay, no_decay = weight_decay_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)].rsplit(".", 1)[-1] for p in decay["params"]}
+    spared = {names[id(p)].rsplit(".", 1)[-1] for p in no_decay["params"]}
+    assert {"gain_bias", "strength_bias", "dt_bias", "A_log"} <= spared
+    assert {"gain_weight", "key_weight", "strength_weight", "weight"} <= decayed
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
