@@ -178,7 +178,8 @@ class ChunkPrismFunction(torch.autograd.Function):
         dg = torch.empty(TT, H, dtype=ctx.g_dtype, device=q.device)
         wy_bwd_kernel[(layout.num_chunks, H)](
             q, k, kx_arg, d, beta, g_cum, do, d_a, d_b, dq_acc, dg_acc, dk_acc, dkx_acc, dbeta_acc, dq, dk, dkx, dbeta,
-            dg, layout.chunks, scale, H=H, C=CHUNK, num_warps=_warps("wy_bwd" if L == 1 else "wy_bwd_extra_keys", m), **m)
+            dg, layout.chunks, scale, H=H, C=CHUNK,
+            num_warps=_warps("wy_bwd" if L == 1 else "wy_bwd_extra_keys", m), **m)
         dkx = dkx if kx is not None else None
         dh0 = dh0.to(initial_state.dtype) if dh0 is not None else None
         return dq, dk, dd, dkx, dbeta, dg, None, dh0, None, None
