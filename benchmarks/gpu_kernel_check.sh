@@ -10,6 +10,11 @@
 # seconds: TEST_SECONDS (default 400; the float32 cases at K = 128 and 256 compile for minutes) and
 # BENCH_SECONDS (default 540: fla's first-call autotuning takes most of it); JOBS (default 6)
 # parallel test processes. The device tool gives one command 10 minutes: run tests and bench apart.
+#
+# Compiled kernels and autotuning results (fla's first-call autotuning takes minutes) are kept in
+# TRITON_CACHE_DIR (default: .triton_cache in the checkout, which a later call finds on a warm
+# machine); the autotuning results are also copied to OUT_DIR/triton_cache, to bring back and put in
+# .triton_cache for a fresh machine.
 set -u
 usage="usage: bash benchmarks/gpu_kernel_check.sh OUT_DIR tests|bench|all [prism_kernel.py arguments]"
 out=${1:?$usage}
@@ -17,8 +22,9 @@ what=${2:?$usage}
 shift 2
 case "$what" in tests|bench|all) ;; *) echo "$usage" >&2; exit 2 ;; esac
 root=$(cd "$(dirname "$0")/.." && pwd)
-mkdir -p "$out"
+mkdir -p "$out/triton_cache"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$root/.triton_cache} TRITON_CACHE_AUTOTUNING=1
 
 python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --target /tmp/prism_site "$root"/.whl/*.whl || exit 1
 # The package as pyproject.toml maps it (kernels/, launch/ and data_prep/ are its subpackages).
@@ -47,4 +53,5 @@ if [ "$what" != tests ]; then
     timeout "${BENCH_SECONDS:-540}" python3 benchmarks/prism_kernel.py --out "$out/bench.md" "$@" > "$out/bench.log" 2>&1
     echo "benchmark ($out/bench.md, log in $out/bench.log):"
     cat "$out/bench.md"
+    (cd "$TRITON_CACHE_DIR" && find . -name '*.autotune.json' -exec cp --parents {} "$out/triton_cache/" \;)
 fi

@@ -19,6 +19,8 @@ cu_seqlens = [0, T, 2T, ...] over the flattened tokens, and every chunk lies ins
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 
@@ -48,6 +50,14 @@ class ChunkLayout:
         first = cu_seqlens[seq] + (torch.arange(self.num_chunks, device=cu_seqlens.device)
                                    - self.chunk_offsets[seq].long()) * CHUNK
         self.chunks = torch.stack([first, cu_seqlens[seq + 1]], 1).to(torch.int32).contiguous()
+
+
+@functools.lru_cache(maxsize=16)
+def _fixed_length_layout(B: int, T: int, device: torch.device) -> ChunkLayout:
+    """The layout of B rows of T tokens. Building a layout reads its chunk count back from the device,
+    a host sync that costs more than the forward's kernels at training shapes; fixed-length batches
+    repeat the same few shapes, so each is built once."""
+    return ChunkLayout(torch.arange(B + 1, device=device, dtype=torch.int64) * T)
 
 
 def _meta(q: torch.Tensor, d: torch.Tensor) -> dict:
@@ -211,10 +221,9 @@ def chunk_prism_recurrence(
     _check_kernel_limits(q, d)
     B, T, H, K = q.shape
     if cu_seqlens is None:
-        cu_seqlens = torch.arange(B + 1, device=q.device, dtype=torch.int64) * T
+        layout = _fixed_length_layout(B, T, q.device)
     else:
-        cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int64)
-    layout = ChunkLayout(cu_seqlens)
+        layout = ChunkLayout(cu_seqlens.to(device=q.device, dtype=torch.int64))
     flat = [None if x is None else x.reshape(B * T, *x.shape[2:]).contiguous() for x in (q, k, d, kx, beta, g)]
     if initial_state is not None:
         initial_state = initial_state.contiguous()
