@@ -4,15 +4,15 @@ The forward runs four kernels (PRISM.md section 4): solve.py (decay cumsum G and
 inverse T), wy.py (WY vectors W^ and pseudo-values U~), state.py (the inter-chunk state scan, which
 also forms U = U~ - W^ S_0) and output.py. G and T are kept for the backward, which recomputes W^,
 U~ and the states from them (cheaper than storing the states), runs the reverse state scan, then
-the chunk-local gradients (local_grad.py, one kernel for the erasure key and one for the extra
-keys) and the gradients through the triangular system (wy.py).
+the chunk-local gradients (local_grad.py: through the pseudo-values, through the output and end
+state, and the extra keys') and the gradients through the triangular system's matrices (wy.py).
 
-For 16-bit inputs, products take bfloat16 operands as in fla's Gated DeltaNet kernels, except those
-of the forward that decide the output's precision (the triangular inverse, T times the right-hand
-sides, the state scan and the output itself), which take TF32 ones. The pseudo-values U~ and U and
-the forward's chunk states are kept in float32, the other intermediates in the input dtype; decays
-and all accumulations are float32. Rounded to bfloat16 like fla's, these intermediates alone cost
-o a relative error of 5-8e-3, over this op's 5e-3 budget (tests/test_prism_triton.py).
+For 16-bit inputs, products take bfloat16 operands and intermediates are kept in the input dtype, as
+in fla's Gated DeltaNet kernels; the triangular inverse's block merges take TF32 operands; decays, the
+running state and all accumulations are float32. On the hardest inputs of the tests (decay and beta
+near 1, K = V = 128) that leaves o 4.2e-3 off the float64 loop, inside its 5e-3 budget; the same
+products with TF32 operands and float32 intermediates would give 2.6e-3 at about 0.5 ms more per
+forward+backward at B=8 T=2048 H=16 (docs/PERFORMANCE.md).
 
 Sequences are always handled as packed: a batch of B rows of length T is B sequences of
 cu_seqlens = [0, T, 2T, ...] over the flattened tokens, and every chunk lies inside one sequence.
@@ -24,7 +24,7 @@ import functools
 import torch
 import triton
 
-from .local_grad import erase_key_grad_kernel, extra_key_grad_kernel
+from .local_grad import extra_key_grad_kernel, output_state_grad_kernel, pseudo_value_grad_kernel
 from .output import output_fwd_kernel
 from .solve import solve_kernel
 from .state import state_bwd_kernel, state_fwd_kernel
@@ -73,8 +73,8 @@ def _meta(q: torch.Tensor, d: torch.Tensor) -> dict:
 
 # Warps per kernel at BK = 128, from per-kernel timings on an H200 (docs/PERFORMANCE.md); the
 # backward's gradient kernels hold several [C, BK] float32 accumulators and want the registers of 8.
-WARPS = dict(solve=1, wy_fwd=4, state_fwd=4, output=4, state_bwd=8, erase_key_grad=8, extra_key_grad=8, wy_bwd=4,
-             wy_bwd_extra_keys=8)
+WARPS = dict(solve=1, wy_fwd=4, state_fwd=4, output=4, state_bwd=8, pseudo_value_grad=4, output_state_grad=8,
+             extra_key_grad=8, wy_bwd=4)
 
 
 def _warps(kernel: str, m: dict) -> int:
@@ -103,20 +103,18 @@ def _solve(k, beta, g, layout):
     return g_cum, t_mat
 
 
-def _chunk_states(k, d, kx, beta, g_cum, t_mat, initial_state, layout, output_final_state, states_dtype):
-    """wy.py then state.py: W^, U~, the state at each chunk's start (kept in states_dtype), U and the
-    final states."""
+def _chunk_states(k, d, kx, beta, g_cum, t_mat, initial_state, layout, output_final_state):
+    """wy.py then state.py: W^, U~, the state at each chunk's start, U (all in the input dtype) and the
+    final states (float32)."""
     TT, H, K = k.shape
     m = _meta(k, d)
     V = m["V"]
     w = torch.empty(TT, H, K, dtype=k.dtype, device=k.device)
-    # The pseudo-values stay float32: rounding them to 16 bits costs 2-3e-3 of relative error in o
-    # (they are small differences of larger terms once the state has learned its keys); so does U.
-    u_tilde = torch.empty(TT, H, V, dtype=torch.float32, device=k.device)
-    wy_fwd_kernel[(layout.num_chunks, H)](k, kx, d, beta, g_cum, t_mat, w, u_tilde, layout.chunks,
-                                          H=H, C=CHUNK, num_warps=_warps("wy_fwd", m), num_stages=_stages(m), **m)
-    states = torch.empty(layout.num_chunks, H, K, V, dtype=states_dtype, device=k.device)
-    u = torch.empty(TT, H, V, dtype=torch.float32, device=k.device)
+    u_tilde = torch.empty(TT, H, V, dtype=k.dtype, device=k.device)
+    wy_fwd_kernel[(layout.num_chunks, H)](k, kx, d, beta, g_cum, t_mat, w, u_tilde, layout.chunks, H=H, C=CHUNK,
+                                          num_warps=_warps("wy_fwd", m), num_stages=_stages(m), **m)
+    states = torch.empty(layout.num_chunks, H, K, V, dtype=k.dtype, device=k.device)
+    u = torch.empty(TT, H, V, dtype=k.dtype, device=k.device)
     final = torch.empty(layout.num_seqs, H, K, V, dtype=torch.float32, device=k.device) if output_final_state else None
     state_fwd_kernel[(layout.num_seqs, H, triton.cdiv(V, m["BV"]))](
         k, kx, d, beta, g_cum, w, u_tilde, initial_state, states, u, final, layout.cu_seqlens, layout.chunk_offsets,
@@ -133,7 +131,7 @@ class ChunkPrismFunction(torch.autograd.Function):
         kx_arg = k if kx is None else kx
         g_cum, t_mat = _solve(k, beta, g, layout)
         _, _, states, u, final = _chunk_states(k, d, kx_arg, beta, g_cum, t_mat, initial_state, layout,
-                                               output_final_state, torch.float32)
+                                               output_final_state)
         o = torch.empty(TT, H, m["V"], dtype=q.dtype, device=q.device)
         output_fwd_kernel[(layout.num_chunks, H, triton.cdiv(m["V"], m["BV"]))](
             q, k, kx_arg, d, beta, g_cum, states, u, o, layout.chunks, scale, H=H, C=CHUNK,
@@ -150,9 +148,7 @@ class ChunkPrismFunction(torch.autograd.Function):
         m = _meta(q, d)
         V, L = m["V"], m["L"]
         kx_arg = k if kx is None else kx
-        # The forward's output takes the states as TF32 operands, the backward's products as bfloat16 ones.
-        w, u_tilde, states, u, _ = _chunk_states(k, d, kx_arg, beta, g_cum, t_mat, initial_state, layout, False,
-                                                 q.dtype)
+        w, u_tilde, states, u, _ = _chunk_states(k, d, kx_arg, beta, g_cum, t_mat, initial_state, layout, False)
 
         f32 = dict(dtype=torch.float32, device=q.device)
         do = do.contiguous()
@@ -164,8 +160,9 @@ class ChunkPrismFunction(torch.autograd.Function):
             H=H, C=CHUNK, HAS_DHT=dht is not None, HAS_H0=initial_state is not None, num_warps=_warps("state_bwd", m),
             num_stages=_stages(m), **{key: m[key] for key in ("K", "V", "BK", "BV", "IEEE")})
 
-        dq_acc = torch.empty(TT, H, K, **f32)
-        dg_acc = torch.empty(TT, H, L, **f32)
+        # dq is final after output_state_grad; the other gradients stay float32 partials until wy_bwd.
+        dq = torch.empty_like(q)
+        dg_acc = torch.empty(TT, H, L + 1, **f32)
         dk_acc = torch.empty(TT, H, K, **f32)
         # With L = 1 the extra-key buffers are never touched: stand-ins keep every pointer valid.
         dkx_acc = torch.empty(TT, H, L - 1, K, **f32) if L > 1 else dk_acc
@@ -173,23 +170,25 @@ class ChunkPrismFunction(torch.autograd.Function):
         dbeta_acc = torch.empty(TT, H, L, **f32)
         d_a = torch.empty(TT, H, CHUNK, **f32)
         d_b = torch.empty(TT, H, L - 1, CHUNK, **f32) if L > 1 else d_a
-        erase_key_grad_kernel[(layout.num_chunks, H)](
-            q, k, d, beta, g_cum, t_mat, w, u_tilde, states, u, d_states, du, do,
-            dq_acc, dk_acc, dd, dbeta_acc, dg_acc, d_a, layout.chunks, scale, H=H, C=CHUNK,
-            num_warps=_warps("erase_key_grad", m), num_stages=1, **m)
+        grid = (layout.num_chunks, H)
+        pseudo_value_grad_kernel[grid](
+            k, d, beta, g_cum, t_mat, w, u_tilde, states, du, dk_acc, dd, dbeta_acc, dg_acc, d_a, layout.chunks,
+            H=H, C=CHUNK, num_warps=_warps("pseudo_value_grad", m), **m)
+        output_state_grad_kernel[grid](
+            q, k, kx_arg, d, beta, g_cum, states, u, d_states, do, dq, dk_acc, dg_acc, layout.chunks, scale,
+            H=H, C=CHUNK, num_warps=_warps("output_state_grad", m), **m)
         if L > 1:
             extra_key_grad_kernel[(layout.num_chunks, H, L - 1)](
                 q, k, kx, d, beta, g_cum, t_mat, d_states, du, do,
                 dkx_acc, dd, dbeta_acc, dg_acc, d_b, layout.chunks, scale, H=H, C=CHUNK,
-                num_warps=_warps("extra_key_grad", m), num_stages=1, **m)
+                num_warps=_warps("extra_key_grad", m), **m)
         del w, u_tilde, states, u, d_states, du  # lowers the peak: the outputs below can take their memory
-        dq, dk, dbeta = torch.empty_like(q), torch.empty_like(k), torch.empty_like(beta)
+        dk, dbeta = torch.empty_like(k), torch.empty_like(beta)
         dkx = torch.empty_like(kx) if kx is not None else dk
         dg = torch.empty(TT, H, dtype=ctx.g_dtype, device=q.device)
-        wy_bwd_kernel[(layout.num_chunks, H)](
-            q, k, kx_arg, d, beta, g_cum, do, d_a, d_b, dq_acc, dg_acc, dk_acc, dkx_acc, dbeta_acc, dq, dk, dkx, dbeta,
-            dg, layout.chunks, scale, H=H, C=CHUNK,
-            num_warps=_warps("wy_bwd" if L == 1 else "wy_bwd_extra_keys", m), **m)
+        wy_bwd_kernel[grid](
+            k, kx_arg, beta, g_cum, d_a, d_b, dg_acc, dk_acc, dkx_acc, dbeta_acc, dk, dkx, dbeta, dg, layout.chunks,
+            H=H, K=K, L=L, C=CHUNK, BK=m["BK"], IEEE=m["IEEE"], num_warps=_warps("wy_bwd", m))
         dkx = dkx if kx is not None else None
         dh0 = dh0.to(initial_state.dtype) if dh0 is not None else None
         return dq, dk, dd, dkx, dbeta, dg, None, dh0, None, None

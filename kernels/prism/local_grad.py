@@ -1,27 +1,82 @@
 """Chunk-local gradients of the PRISM chunk form (PRISM.md section 4), given the recomputed chunk
-start state S_0, pseudo-values U, the end-state gradient dS = dL/dS_C and the pseudo-value gradient
-dU from state.py's backward scan. Two kernels, so that each fits in shared memory: one program per
-(chunk, head) for the erasure key, one per (chunk, head, extra key).
+start state S_0, pseudo-values U~ and U, the end-state gradient dS = dL/dS_C and the pseudo-value
+gradient dU from state.py's backward scan. Three kernels, each small enough to stay in registers:
 
-Final here: dd. Partial (float32, finished by wy.py's backward): dq, dG (one slot per key), dk,
-dkx, dbeta, and the kernel-matrix gradients dA = -strict-lower(dX W^T + dR U~^T),
-dB^l = -strict-lower(dR (W^l)^T), where dX = T^T dW^ and dR = T^T dU~ are the gradients of the two
-right-hand sides of the triangular solve. Transposed products are formed from operands loaded
-transposed, never by transposing a product.
+- pseudo_value_grad: through U = U~ - W^ S_0, one program per (chunk, head). dW^ = -dU S_0^T and
+  dR = T^T dU, the gradients of the two right-hand sides of the triangular solve: dd^1, the
+  kernel-matrix gradient dA = -strict-lower(dX W^T + dR U~^T) with dX = T^T dW^, and partial dk, db1, dG.
+- output_state_grad: through the output O and the erasure key's end-state term, one program per
+  (chunk, head): dq, final (every key's output term), and partial dk, dG.
+- extra_key_grad: key l = 2..L's state, output and solve terms, one program per (chunk, head, key):
+  dd^l and partial dkx, db^l, dG, and dB^l = -strict-lower(dR (W^l)^T).
+
+wy.py's backward finishes the partials (float32): it adds the paths through A and B^l. dG has a slot
+per kernel and key (L + 1), so that no kernel reads another's. Transposed products are formed from
+operands loaded transposed, never by transposing a product.
 """
 import triton
 import triton.language as tl
 
-from .tiles import chunk_decay, chunk_rows, load_rows, load_rows_t, mm
+from .tiles import cast, chunk_decay, chunk_rows, load_rows, load_rows_t, mm
 
 
 @triton.jit
-def erase_key_grad_kernel(
-    q, k, d, beta, g_cum, t_mat, w, u_tilde, states, u, d_states, du, do,
-    dq_acc, dk, dd, dbeta, dg_acc, d_a, chunks, scale,
+def pseudo_value_grad_kernel(
+    k, d, beta, g_cum, t_mat, w, u_tilde, states, du,
+    dk, dd, dbeta, dg_acc, d_a, chunks,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr,
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr,
 ):
+    """Writes dd^1, dA, and the first partials of dk, db1 and dG (slot 1)."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    t0, t_end, tok, m_c, row = chunk_rows(chunks, i_c, i_h, H, C)
+    o_c = tl.arange(0, C)
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    state_off = (i_c.to(tl.int64) * H + i_h) * K * V
+    strict = o_c[:, None] > o_c[None, :]
+
+    b_gam = tl.where(m_c, tl.exp(tl.load(g_cum + row, mask=m_c, other=0.0)), 0.0)
+    b_b1 = tl.load(beta + row * L, mask=m_c, other=0.0).to(tl.float32)
+    b_Tt = tl.load(t_mat + row[None, :] * C + o_c[:, None], mask=m_c[None, :], other=0.0)
+
+    b_dw = tl.zeros([C, BK], dtype=tl.float32)      # dW^ = -dU S_0^T
+    b_dru = tl.zeros([C, C], dtype=tl.float32)      # dR U~^T
+    b_db1 = tl.zeros([C], dtype=tl.float32)
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        b_ht = tl.load(states + state_off + o_k[None, :] * V + o_v[:, None], mask=m_k[None, :] & m_v[:, None],
+                       other=0.0)
+        b_du = load_rows(du, row * V, m_c, o_v, V)
+        b_dw -= mm(b_du, b_ht, IEEE)
+        b_dr = mm(b_Tt, b_du, IEEE)
+        b_dru += mm(b_dr, tl.trans(load_rows(u_tilde, row * V, m_c, o_v, V)), IEEE)
+        b_db1 += tl.sum(b_dr * load_rows(d, row * L * V, m_c, o_v, V).to(tl.float32), 1)
+        tl.store(dd + (row * L)[:, None] * V + o_v[None, :], cast(b_dr * b_b1[:, None], dd.dtype.element_ty),
+                 mask=m_c[:, None] & m_v[None, :])
+
+    # W^ = T X with X = diag(b1 gamma) K.
+    b_dx = mm(b_Tt, b_dw, IEEE)
+    b_bg = b_b1 * b_gam
+    b_xk = tl.sum(b_dx * load_rows(k, row * K, m_c, o_k, K).to(tl.float32), 1)
+    b_dA = -tl.where(strict, mm(b_dx, load_rows_t(w, row * K, m_c, o_k, K), IEEE) + b_dru, 0.0)
+    tl.store(d_a + row[:, None] * C + o_c[None, :], b_dA, mask=m_c[:, None])
+    tl.store(dk + row[:, None] * K + o_k[None, :], b_bg[:, None] * b_dx, mask=m_c[:, None] & m_k[None, :])
+    tl.store(dbeta + row * L, b_db1 + b_xk * b_gam, mask=m_c)
+    tl.store(dg_acc + row * (L + 1) + 1, b_xk * b_bg, mask=m_c)
+
+
+@triton.jit
+def output_state_grad_kernel(
+    q, k, kx, d, beta, g_cum, states, u, d_states, do,
+    dq, dk, dg_acc, chunks, scale,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr,
+    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Output O = scale [diag(gamma) Q S_0 + (M * Q K^T) U + sum_l (M * Q (Kappa^l)^T) W^l] and the end
+    state's S_C = gamma_C S_0 + K^T diag(gamma_C / gamma) U + ...: writes dq, adds to dk (after
+    pseudo_value_grad), writes dG's slot 0."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     t0, t_end, tok, m_c, row = chunk_rows(chunks, i_c, i_h, H, C)
     o_c = tl.arange(0, C)
@@ -37,75 +92,58 @@ def erase_key_grad_kernel(
     b_gam = tl.where(m_c, tl.exp(b_G), 0.0)
     b_dec = tl.where(m_c, tl.exp(g_last - b_G), 0.0)
     b_M = chunk_decay(b_G, m_c, True, False, C)
-    b_Mt = chunk_decay(b_G, m_c, False, False, C)
-    b_b1 = tl.load(beta + row * L, mask=m_c, other=0.0).to(tl.float32)
     b_q = load_rows(q, row * K, m_c, o_k, K)
     b_k = load_rows(k, row * K, m_c, o_k, K)
-    b_Tt = tl.load(t_mat + row[None, :] * C + o_c[:, None], mask=m_c[None, :], other=0.0)
 
-    # Sums over value columns for the erasure-key terms.
     b_dq = tl.zeros([C, BK], dtype=tl.float32)      # dO S_0^T
     b_dkst = tl.zeros([C, BK], dtype=tl.float32)    # U dS^T
-    b_dw = tl.zeros([C, BK], dtype=tl.float32)      # dW^ = -dU S_0^T
     b_dP = tl.zeros([C, C], dtype=tl.float32)       # dO U^T
     b_udo = tl.zeros([C, C], dtype=tl.float32)      # U dO^T
-    b_dru = tl.zeros([C, C], dtype=tl.float32)      # dR U~^T
-    b_db1 = tl.zeros([C], dtype=tl.float32)
     b_hdh = tl.zeros([BK], dtype=tl.float32)
     for i_v in range(tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
-        m_v = o_v < V
         kv_t = o_k[None, :] * V + o_v[:, None]
-        m_kv_t = m_k[None, :] & m_v[:, None]
+        m_kv_t = m_k[None, :] & (o_v < V)[:, None]
         b_ht = tl.load(states + state_off + kv_t, mask=m_kv_t, other=0.0)
         b_dht = tl.load(d_states + state_off + kv_t, mask=m_kv_t, other=0.0)
         b_u = load_rows(u, row * V, m_c, o_v, V)
-        b_du = load_rows(du, row * V, m_c, o_v, V)
         b_do = load_rows(do, row * V, m_c, o_v, V)
         b_dq += mm(b_do, b_ht, IEEE)
         b_dP += mm(b_do, tl.trans(b_u), IEEE)
         b_udo += mm(b_u, tl.trans(b_do), IEEE)
         b_dkst += mm(b_u, b_dht, IEEE)
-        b_dw -= mm(b_du, b_ht, IEEE)
         b_hdh += tl.sum(b_ht.to(tl.float32) * b_dht.to(tl.float32), 0)
-        b_dr = mm(b_Tt, b_du, IEEE)
-        b_dru += mm(b_dr, tl.trans(load_rows(u_tilde, row * V, m_c, o_v, V)), IEEE)
-        b_db1 += tl.sum(b_dr * load_rows(d, row * L * V, m_c, o_v, V).to(tl.float32), 1)
-        tl.store(dd + (row * L)[:, None] * V + o_v[None, :], (b_dr * b_b1[:, None]).to(dd.dtype.element_ty),
-                 mask=m_c[:, None] & m_v[None, :])
 
-    # Output: O = scale [diag(gamma) Q S_0 + (M * Q K^T) U].
     b_dq *= (scale * b_gam)[:, None]
     b_dG = tl.sum(b_dq * b_q.to(tl.float32), 1)
-    b_dP *= scale
+    b_dP *= scale * b_M
     # Diagonal entries (exp(G_r - G_r)) cancel between row and column sums: drop them, or they cost
     # float32 cancellation where every off-diagonal decay is tiny.
-    b_z = tl.where(strict, b_dP * b_M * mm(b_q, tl.trans(b_k), IEEE), 0.0)
+    b_z = tl.where(strict, b_dP * mm(b_q, tl.trans(b_k), IEEE), 0.0)
     b_dG += tl.sum(b_z, 1) - tl.sum(b_z, 0)
-    b_dq += mm(b_dP * b_M, b_k, IEEE)
-    b_dk = mm(b_udo * b_Mt * scale, b_q, IEEE)
-    # End state: S_C = gamma_C S_0 + K^T diag(gamma_C / gamma) U + ...
+    b_dq += mm(b_dP, b_k, IEEE)
+    b_dk = mm(b_udo * chunk_decay(b_G, m_c, False, False, C) * scale, b_q, IEEE)
     b_dkst *= b_dec[:, None]
     b_z = tl.where(tok == t_last, 0.0, tl.sum(b_dkst * b_k.to(tl.float32), 1))  # the last row's decay is exp(0)
-    dg_last = tl.sum(b_z, 0) + tl.exp(g_last) * tl.sum(b_hdh, 0)
-    b_dG -= b_z
-    b_dk += b_dkst
-    # W^ = T X with X = diag(b1 gamma) K.
-    b_dx = mm(b_Tt, b_dw, IEEE)
-    b_bg = b_b1 * b_gam
-    b_dk += b_bg[:, None] * b_dx
-    b_xk = tl.sum(b_dx * b_k.to(tl.float32), 1)
-    b_db1 += b_xk * b_gam
-    b_dG += b_xk * b_bg
-    b_wt = load_rows_t(w, row * K, m_c, o_k, K)
-    b_dA = -tl.where(strict, mm(b_dx, b_wt, IEEE) + b_dru, 0.0)
-    tl.store(d_a + row[:, None] * C + o_c[None, :], b_dA, mask=m_c[:, None])
-
-    b_dG += tl.where(tok == t_last, dg_last, 0.0)
-    tl.store(dq_acc + row[:, None] * K + o_k[None, :], b_dq, mask=m_ck)
+    b_dG += tl.where(tok == t_last, tl.sum(b_z, 0) + tl.exp(g_last) * tl.sum(b_hdh, 0), 0.0) - b_z
+    b_dk += b_dkst + tl.load(dk + row[:, None] * K + o_k[None, :], mask=m_ck, other=0.0)
     tl.store(dk + row[:, None] * K + o_k[None, :], b_dk, mask=m_ck)
-    tl.store(dbeta + row * L, b_db1, mask=m_c)
-    tl.store(dg_acc + row * L, b_dG, mask=m_c)
+
+    # The extra keys' output terms, dP^l = scale dO (W^l)^T, one key at a time.
+    for l in tl.static_range(1, L):
+        b_kx = load_rows(kx, (row * (L - 1) + l - 1) * K, m_c, o_k, K)
+        b_bl = tl.load(beta + row * L + l, mask=m_c, other=0.0).to(tl.float32)
+        b_dPl = tl.zeros([C, C], dtype=tl.float32)
+        for i_v in range(tl.cdiv(V, BV)):
+            o_v = i_v * BV + tl.arange(0, BV)
+            b_wl = load_rows(d, (row * L + l) * V, m_c, o_v, V).to(tl.float32) * b_bl[:, None]
+            b_dPl += mm(load_rows(do, row * V, m_c, o_v, V), tl.trans(b_wl), IEEE)
+        b_dPl *= scale * b_M
+        b_z = tl.where(strict, b_dPl * mm(b_q, tl.trans(b_kx), IEEE), 0.0)
+        b_dG += tl.sum(b_z, 1) - tl.sum(b_z, 0)
+        b_dq += mm(b_dPl, b_kx, IEEE)
+    tl.store(dq + row[:, None] * K + o_k[None, :], cast(b_dq, dq.dtype.element_ty), mask=m_ck)
+    tl.store(dg_acc + row * (L + 1), b_dG, mask=m_c)
 
 
 @triton.jit
@@ -117,7 +155,7 @@ def extra_key_grad_kernel(
 ):
     """Key l = 2..L: its output term (M * Q (Kappa^l)^T) W^l, state term (Kappa^l)^T diag(gamma_C/gamma) W^l
     and right-hand side term -B^l W^l of the triangular solve, W^l = diag(b^l) D^l. The output term's
-    gradient in q is left to wy.py's backward, which sums dq without a partial per key."""
+    gradient in q is output_state_grad's, which sums it over keys without a partial per key."""
     i_c, i_h, l = tl.program_id(0), tl.program_id(1), tl.program_id(2) + 1
     t0, t_end, tok, m_c, row = chunk_rows(chunks, i_c, i_h, H, C)
     o_c = tl.arange(0, C)
@@ -163,8 +201,8 @@ def extra_key_grad_kernel(
         b_dwl = (scale * mm(b_plt, b_do, IEEE) + b_dec[:, None] * mm(b_kx, b_dh, IEEE)
                  - mm(b_blt, b_dr, IEEE))
         b_dbl += tl.sum(b_dwl * b_dl, 1)
-        tl.store(dd + (row * L + l)[:, None] * V + o_v[None, :], (b_dwl * b_bl[:, None]).to(dd.dtype.element_ty),
-                 mask=m_c[:, None] & m_v[None, :])
+        tl.store(dd + (row * L + l)[:, None] * V + o_v[None, :],
+                 cast(b_dwl * b_bl[:, None], dd.dtype.element_ty), mask=m_c[:, None] & m_v[None, :])
     tl.store(dbeta + row * L + l, b_dbl, mask=m_c)
     tl.store(d_b + x_row[:, None] * C + o_c[None, :], -tl.where(strict, b_dBl, 0.0), mask=m_c[:, None])
 
@@ -173,4 +211,4 @@ def extra_key_grad_kernel(
     b_dG = tl.where(tok == t_last, tl.sum(b_z, 0), 0.0) - b_z
     b_dkx = mm(b_wdo * b_Mt * scale, b_q, IEEE) + b_dkxst
     tl.store(dkx + x_row[:, None] * K + o_k[None, :], b_dkx, mask=m_ck)
-    tl.store(dg_acc + row * L + l, b_dG, mask=m_c)
+    tl.store(dg_acc + row * (L + 1) + l + 1, b_dG, mask=m_c)

@@ -7,7 +7,7 @@ with M the inclusive lower-triangular decay matrix.
 import triton
 import triton.language as tl
 
-from .tiles import chunk_decay, chunk_rows, load_rows, mm, mm_tf32, state_tile
+from .tiles import cast, chunk_decay, chunk_rows, load_rows, mm, state_tile
 
 
 @triton.jit
@@ -26,14 +26,14 @@ def output_fwd_kernel(
     b_M = chunk_decay(b_G, m_c, True, False, C)
     b_q = load_rows(q, row * K, m_c, o_k, K)
     kv, m_kv = state_tile(i_v, K, V, BK, BV)
-    b_h = tl.load(states + (i_c.to(tl.int64) * H + i_h) * K * V + kv, mask=m_kv, other=0.0).to(tl.float32)
-    b_o = mm_tf32(b_q, b_h, IEEE) * tl.exp(b_G)[:, None]
+    b_h = tl.load(states + (i_c.to(tl.int64) * H + i_h) * K * V + kv, mask=m_kv, other=0.0)
+    b_o = mm(b_q, b_h, IEEE) * tl.exp(b_G)[:, None]
     b_p = b_M * mm(b_q, tl.trans(load_rows(k, row * K, m_c, o_k, K)), IEEE)
-    b_o += mm_tf32(b_p, load_rows(u, row * V, m_c, o_v, V), IEEE)
+    b_o += mm(b_p, load_rows(u, row * V, m_c, o_v, V), IEEE)
     for l in tl.static_range(1, L):
         b_kx = load_rows(kx, (row * (L - 1) + l - 1) * K, m_c, o_k, K)
         b_bl = tl.load(beta + row * L + l, mask=m_c, other=0.0).to(tl.float32)
         b_wl = load_rows(d, (row * L + l) * V, m_c, o_v, V) * b_bl[:, None]
         b_o += mm(b_M * mm(b_q, tl.trans(b_kx), IEEE), b_wl, IEEE)
-    tl.store(o + row[:, None] * V + o_v[None, :], (b_o * scale).to(o.dtype.element_ty),
+    tl.store(o + row[:, None] * V + o_v[None, :], cast(b_o * scale, o.dtype.element_ty),
              mask=m_c[:, None] & m_v[None, :])

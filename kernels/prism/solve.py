@@ -12,7 +12,7 @@ which costs a fraction of inverting the 64 x 64 matrix as a whole.
 import triton
 import triton.language as tl
 
-from .tiles import chunk_rows, mm, mm_tf32
+from .tiles import cast, chunk_rows, mm, mm_tf32
 
 SUB = tl.constexpr(16)  # rows of a block; the chunk is 4 blocks
 
@@ -60,7 +60,7 @@ def _unit_lower_inverse_16(b_A):
 def _store_block(t_mat, row, m, j: tl.constexpr, b_T, C: tl.constexpr):
     o = tl.arange(0, SUB)
     cols = o + j * SUB
-    tl.store(t_mat + row[:, None] * C + cols[None, :], b_T.to(t_mat.dtype.element_ty), mask=m[:, None])
+    tl.store(t_mat + row[:, None] * C + cols[None, :], cast(b_T, t_mat.dtype.element_ty), mask=m[:, None])
 
 
 @triton.jit

@@ -11,7 +11,7 @@ dS_0 = gamma_C dS + scale (diag(gamma) Q)^T dO - W^T dU.
 import triton
 import triton.language as tl
 
-from .tiles import chunk_decay, load_rows, mm, mm_tf32, sequence_chunks, state_tile
+from .tiles import cast, chunk_decay, load_rows, mm, sequence_chunks, state_tile
 
 
 @triton.jit
@@ -37,16 +37,18 @@ def state_fwd_kernel(
         tok = t0 + o_c
         m_c = tok < eos
         row = tok * H + i_h
-        tl.store(states + ((c0 + i) * H + i_h) * K * V + kv, b_h.to(states.dtype.element_ty), mask=m_kv)
+        tl.store(states + ((c0 + i) * H + i_h) * K * V + kv, cast(b_h, states.dtype.element_ty), mask=m_kv)
 
-        b_u = load_rows(u_tilde, row * V, m_c, o_v, V) - mm_tf32(load_rows(w, row * K, m_c, o_k, K), b_h, IEEE)
-        tl.store(u + row[:, None] * V + o_v[None, :], b_u.to(u.dtype.element_ty), mask=m_c[:, None] & m_v[None, :])
+        b_w = load_rows(w, row * K, m_c, o_k, K)
+        b_u = load_rows(u_tilde, row * V, m_c, o_v, V) - mm(b_w, b_h, IEEE)
+        tl.store(u + row[:, None] * V + o_v[None, :], cast(b_u, u.dtype.element_ty),
+                 mask=m_c[:, None] & m_v[None, :])
 
         b_G = tl.load(g_cum + row, mask=m_c, other=0.0)
         g_last = tl.load(g_cum + (tl.minimum(t0 + C, eos) - 1) * H + i_h)
         b_dec = tl.where(m_c, tl.exp(g_last - b_G), 0.0)
         b_k = load_rows(k, row * K, m_c, o_k, K)
-        b_h = b_h * tl.exp(g_last) + mm_tf32(tl.trans(b_k), b_u * b_dec[:, None], IEEE)
+        b_h = b_h * tl.exp(g_last) + mm(tl.trans(b_k), b_u * b_dec[:, None], IEEE)
         for l in tl.static_range(1, L):
             b_kx = load_rows(kx, (row * (L - 1) + l - 1) * K, m_c, o_k, K)
             b_bl = tl.load(beta + row * L + l, mask=m_c, other=0.0).to(tl.float32)
@@ -80,7 +82,7 @@ def state_bwd_kernel(
         tok = t0 + o_c
         m_c = tok < eos
         row = tok * H + i_h
-        tl.store(d_states + ((c0 + i) * H + i_h) * K * V + kv, b_dh.to(d_states.dtype.element_ty), mask=m_kv)
+        tl.store(d_states + ((c0 + i) * H + i_h) * K * V + kv, cast(b_dh, d_states.dtype.element_ty), mask=m_kv)
 
         b_G = tl.load(g_cum + row, mask=m_c, other=0.0)
         g_last = tl.load(g_cum + (tl.minimum(t0 + C, eos) - 1) * H + i_h)
@@ -91,7 +93,8 @@ def state_bwd_kernel(
         b_do = load_rows(do, row * V, m_c, o_v, V)
         b_pt = chunk_decay(b_G, m_c, False, False, C) * mm(b_k, tl.trans(b_q), IEEE)
         b_du = scale * mm(b_pt, b_do, IEEE) + b_dec[:, None] * mm(b_k, b_dh, IEEE)
-        tl.store(du + row[:, None] * V + o_v[None, :], b_du, mask=m_c[:, None] & m_v[None, :])
+        tl.store(du + row[:, None] * V + o_v[None, :], cast(b_du, du.dtype.element_ty),
+                 mask=m_c[:, None] & m_v[None, :])
         b_w = load_rows(w, row * K, m_c, o_k, K)
         b_dh = (b_dh * tl.exp(g_last) + mm(tl.trans(b_q * (scale * b_gam)[:, None]), b_do, IEEE)
                 - mm(tl.trans(b_w), b_du, IEEE))

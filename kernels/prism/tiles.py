@@ -67,6 +67,16 @@ def _rounded(x, DROP: tl.constexpr):
 
 
 @triton.jit
+def cast(x, dtype: tl.constexpr):
+    """x.to(dtype), rounded to nearest even as on the GPU: Triton's interpreter truncates float32 to
+    bfloat16, which would bias every stored bfloat16 intermediate by half a unit in the last place."""
+    if INTERPRETED:
+        if dtype == tl.bfloat16:
+            x = _rounded(x, 16)
+    return x.to(dtype)
+
+
+@triton.jit
 def mm(a, b, IEEE: tl.constexpr):
     """a @ b accumulated in float32: bfloat16 operands for 16-bit inputs (the tensor-core rate, and
     half the shared memory of float32 ones), exact float32 products for float32 inputs."""
@@ -81,9 +91,9 @@ def mm(a, b, IEEE: tl.constexpr):
 
 @triton.jit
 def mm_tf32(a, b, IEEE: tl.constexpr):
-    """a @ b with TF32 operands for 16-bit inputs, for the products whose operands carry more precision
-    than bfloat16 keeps (the triangular inverse, the pseudo-values, the states); exact float32
-    products for float32 inputs."""
+    """a @ b with TF32 operands for 16-bit inputs, for products of float32 tiles that must keep more
+    precision than bfloat16 (the triangular inverse's block merges); exact float32 products for float32
+    inputs."""
     if IEEE:
         c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     elif INTERPRETED:

@@ -9,7 +9,7 @@ matrices A and B^l into k, kx, b1 and G, then dg as the reverse cumsum of dG.
 import triton
 import triton.language as tl
 
-from .tiles import chunk_decay, chunk_rows, load_rows, mm, mm_tf32
+from .tiles import cast, chunk_decay, chunk_rows, load_rows, mm
 
 
 @triton.jit
@@ -27,8 +27,9 @@ def wy_fwd_kernel(
     b_T = tl.load(t_mat + row[:, None] * C + o_c[None, :], mask=m_c[:, None], other=0.0)
     b_k = load_rows(k, row * K, m_c, o_k, K)
     b_b1 = tl.load(beta + row * L, mask=m_c, other=0.0).to(tl.float32)
-    b_w = mm_tf32(b_T.to(tl.float32), b_k.to(tl.float32) * (b_b1 * tl.exp(b_G))[:, None], IEEE)
-    tl.store(w + row[:, None] * K + o_k[None, :], b_w.to(w.dtype.element_ty), mask=m_c[:, None] & (o_k < K)[None, :])
+    b_w = mm(b_T, b_k.to(tl.float32) * (b_b1 * tl.exp(b_G))[:, None], IEEE)
+    tl.store(w + row[:, None] * K + o_k[None, :], cast(b_w, w.dtype.element_ty),
+             mask=m_c[:, None] & (o_k < K)[None, :])
 
     b_Ms = chunk_decay(b_G, m_c, True, True, C) * b_b1[:, None]
     for i_v in range(tl.cdiv(V, BV)):
@@ -39,21 +40,18 @@ def wy_fwd_kernel(
             b_bl = tl.load(beta + row * L + l, mask=m_c, other=0.0).to(tl.float32)
             b_wl = load_rows(d, (row * L + l) * V, m_c, o_v, V).to(tl.float32) * b_bl[:, None]
             b_r -= mm(b_Ms * mm(b_k, tl.trans(b_kx), IEEE), b_wl, IEEE)
-        b_ut = mm_tf32(b_T.to(tl.float32), b_r, IEEE)
-        tl.store(u_tilde + row[:, None] * V + o_v[None, :], b_ut.to(u_tilde.dtype.element_ty),
+        b_ut = mm(b_T, b_r, IEEE)
+        tl.store(u_tilde + row[:, None] * V + o_v[None, :], cast(b_ut, u_tilde.dtype.element_ty),
                  mask=m_c[:, None] & (o_v < V)[None, :])
 
 
 @triton.jit
 def wy_bwd_kernel(
-    q, k, kx, d, beta, g_cum, do, d_a, d_b, dq_acc, dg_acc, dk_acc, dkx_acc, dbeta_acc, dq, dk, dkx, dbeta, dg,
-    chunks, scale,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr,
-    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr,
+    k, kx, beta, g_cum, d_a, d_b, dg_acc, dk_acc, dkx_acc, dbeta_acc, dk, dkx, dbeta, dg, chunks,
+    H: tl.constexpr, K: tl.constexpr, L: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr,
 ):
-    """Adds the A and B^l paths to the float32 partial gradients of k, kx and b1, and the extra keys'
-    output terms (M * Q (Kappa^l)^T) W^l to those of q and G; sums the per-key partials of dG, turns
-    dG into dg, and writes every gradient in its input's dtype."""
+    """Adds the A and B^l paths to the float32 partial gradients of k, kx and b1; sums the partials of
+    dG, turns dG into dg, and writes every gradient in its input's dtype."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     _, _, tok, m_c, row = chunk_rows(chunks, i_c, i_h, H, C)
     o_c = tl.arange(0, C)
@@ -76,13 +74,9 @@ def wy_bwd_kernel(
     b_dk += mm(b_y, b_k, IEEE) + mm(b_yt, b_k, IEEE)
     b_z = b_y * b_kk
     b_dG = tl.sum(b_z, 1) - tl.sum(b_z, 0)
-    for l in tl.static_range(L):
-        b_dG += tl.load(dg_acc + row * L + l, mask=m_c, other=0.0)
-    b_dq = tl.load(dq_acc + row[:, None] * K + o_k[None, :], mask=m_ck, other=0.0)
+    for slot in tl.static_range(L + 1):
+        b_dG += tl.load(dg_acc + row * (L + 1) + slot, mask=m_c, other=0.0)
     b_db1 = tl.sum(b_dA * b_Ms * b_kk, 1)
-    b_q = load_rows(q, row * K, m_c, o_k, K)  # unused, and so never loaded, when L = 1
-    b_M = chunk_decay(b_G, m_c, True, False, C)
-    strict = o_c[:, None] > o_c[None, :]
 
     for l in tl.static_range(1, L):
         x_row = row * (L - 1) + l - 1
@@ -92,30 +86,18 @@ def wy_bwd_kernel(
         b_y = b_dB * b_Ms * b_b1[:, None]
         b_yt = b_dBt * b_Mst * b_b1[None, :]
         b_kkx = mm(b_k, tl.trans(b_kx), IEEE)
-        # Output term: dP^l = scale dO (W^l)^T.
-        b_bl = tl.load(beta + row * L + l, mask=m_c, other=0.0).to(tl.float32)
-        b_dPl = tl.zeros([C, C], dtype=tl.float32)
-        for i_v in range(tl.cdiv(V, BV)):
-            o_v = i_v * BV + tl.arange(0, BV)
-            b_wl = load_rows(d, (row * L + l) * V, m_c, o_v, V).to(tl.float32) * b_bl[:, None]
-            b_dPl += mm(load_rows(do, row * V, m_c, o_v, V), tl.trans(b_wl), IEEE)
-        b_dPl *= scale * b_M
-        b_z = tl.where(strict, b_dPl * mm(b_q, tl.trans(b_kx), IEEE), 0.0)
-        b_dG += tl.sum(b_z, 1) - tl.sum(b_z, 0)
-        b_dq += mm(b_dPl, b_kx, IEEE)
         b_dk += mm(b_y, b_kx, IEEE)
         b_dkx = tl.load(dkx_acc + x_row[:, None] * K + o_k[None, :], mask=m_ck, other=0.0) + mm(b_yt, b_k, IEEE)
-        tl.store(dkx + x_row[:, None] * K + o_k[None, :], b_dkx.to(dkx.dtype.element_ty), mask=m_ck)
+        tl.store(dkx + x_row[:, None] * K + o_k[None, :], cast(b_dkx, dkx.dtype.element_ty), mask=m_ck)
         b_dbl = tl.load(dbeta_acc + row * L + l, mask=m_c, other=0.0)
-        tl.store(dbeta + row * L + l, b_dbl.to(dbeta.dtype.element_ty), mask=m_c)
+        tl.store(dbeta + row * L + l, cast(b_dbl, dbeta.dtype.element_ty), mask=m_c)
         b_z = b_y * b_kkx
         b_dG += tl.sum(b_z, 1) - tl.sum(b_z, 0)
         b_db1 += tl.sum(b_dB * b_Ms * b_kkx, 1)
 
-    tl.store(dq + row[:, None] * K + o_k[None, :], b_dq.to(dq.dtype.element_ty), mask=m_ck)
-    tl.store(dk + row[:, None] * K + o_k[None, :], b_dk.to(dk.dtype.element_ty), mask=m_ck)
+    tl.store(dk + row[:, None] * K + o_k[None, :], cast(b_dk, dk.dtype.element_ty), mask=m_ck)
     b_db1 += tl.load(dbeta_acc + row * L, mask=m_c, other=0.0)
-    tl.store(dbeta + row * L, b_db1.to(dbeta.dtype.element_ty), mask=m_c)
+    tl.store(dbeta + row * L, cast(b_db1, dbeta.dtype.element_ty), mask=m_c)
     # G_r = sum_{j <= r} g_j within the chunk, so dg_j = sum_{r >= j} dG_r.
     b_dg = tl.cumsum(b_dG, 0, reverse=True)
-    tl.store(dg + row, b_dg.to(dg.dtype.element_ty), mask=m_c)
+    tl.store(dg + row, cast(b_dg, dg.dtype.element_ty), mask=m_c)
