@@ -8,13 +8,16 @@
 #
 # Needs the wheels of shared/device/fetch-wheels.sh in .whl/ (fla-core among them). Time limits in
 # seconds: TEST_SECONDS (default 400; the float32 cases at K = 128 and 256 compile for minutes) and
-# BENCH_SECONDS (default 540: fla's first-call autotuning takes most of it); JOBS (default 6)
-# parallel test processes. The device tool gives one command 10 minutes: run tests and bench apart.
+# BENCH_SECONDS (default 540); JOBS (default 6) parallel test processes. The device tool gives one
+# command 10 minutes: run tests and bench apart, tests first on a warm machine.
 #
-# Compiled kernels and autotuning results (fla's first-call autotuning takes minutes) are kept in
-# TRITON_CACHE_DIR (default: .triton_cache in the checkout, which a later call finds on a warm
-# machine); the autotuning results are also copied to OUT_DIR/triton_cache, to bring back and put in
-# .triton_cache for a fresh machine.
+# fla's kernels autotune on their first call, compiling dozens of configurations (minutes per
+# shape). Compiled kernels are kept in TRITON_CACHE_DIR (default: .triton_cache in the checkout,
+# which a later call finds on a warm machine), so `tests` also runs the benchmark's fla calls once
+# alongside the test processes, to compile them; their timings there are thrown away (the GPU is
+# shared with the tests), and `bench` then only times the configurations. `bench` keeps its autotuning
+# choices in TRITON_CACHE_DIR too, and packs them into OUT_DIR/triton_autotune.tar, to unpack into
+# .triton_cache for a later machine.
 set -u
 usage="usage: bash benchmarks/gpu_kernel_check.sh OUT_DIR tests|bench|all [prism_kernel.py arguments]"
 out=${1:?$usage}
@@ -22,11 +25,12 @@ what=${2:?$usage}
 shift 2
 case "$what" in tests|bench|all) ;; *) echo "$usage" >&2; exit 2 ;; esac
 root=$(cd "$(dirname "$0")/.." && pwd)
-mkdir -p "$out/triton_cache"
+out=$(mkdir -p "$out" && cd "$out" && pwd)
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$root/.triton_cache} TRITON_CACHE_AUTOTUNING=1
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$root/.triton_cache}
 
-python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --target /tmp/prism_site "$root"/.whl/*.whl || exit 1
+python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --target /tmp/prism_site "$root"/.whl/*.whl \
+    || exit 1
 # The package as pyproject.toml maps it (kernels/, launch/ and data_prep/ are its subpackages).
 pkg=$(mktemp -d)
 cp -r "$root/prism_megatron" "$pkg/"
@@ -36,6 +40,11 @@ export PYTHONPATH="$pkg:/tmp/prism_site${PYTHONPATH:+:$PYTHONPATH}"
 cd "$pkg" || exit 1
 
 if [ "$what" != bench ]; then
+    # The K = 128 shapes share fla's compiled kernels, so the first and last benchmark shapes cover them.
+    for shape in 0 2; do
+        timeout "${TEST_SECONDS:-400}" python3 benchmarks/prism_kernel.py --shapes "$shape" --L 1 \
+            > "$out/fla_compile_$shape.log" 2>&1 &
+    done
     python3 -m pytest --collect-only -q -p no:cacheprovider tests/test_prism_triton.py | grep :: > test_ids
     split -n "r/${JOBS:-6}" test_ids part_
     for part in part_*; do
@@ -50,8 +59,9 @@ if [ "$what" != bench ]; then
 fi
 
 if [ "$what" != tests ]; then
-    timeout "${BENCH_SECONDS:-540}" python3 benchmarks/prism_kernel.py --out "$out/bench.md" "$@" > "$out/bench.log" 2>&1
+    TRITON_CACHE_AUTOTUNING=1 timeout "${BENCH_SECONDS:-540}" \
+        python3 benchmarks/prism_kernel.py --out "$out/bench.md" "$@" > "$out/bench.log" 2>&1
     echo "benchmark ($out/bench.md, log in $out/bench.log):"
     cat "$out/bench.md"
-    (cd "$TRITON_CACHE_DIR" && find . -name '*.autotune.json' -exec cp --parents {} "$out/triton_cache/" \;)
+    (cd "$TRITON_CACHE_DIR" && find . -name '*.autotune.json' -print0 | tar -cf "$out/triton_autotune.tar" --null -T -)
 fi
