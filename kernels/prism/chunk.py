@@ -27,7 +27,7 @@ import triton
 from .local_grad import extra_key_grad_kernel, output_state_grad_kernel, pseudo_value_grad_kernel
 from .output import output_fwd_kernel
 from .solve import solve_kernel
-from .state import state_bwd_kernel, state_fwd_kernel
+from .state import extra_write_kernel, state_bwd_kernel, state_fwd_kernel
 from .wy import wy_bwd_kernel, wy_fwd_kernel
 
 CHUNK = 64
@@ -73,8 +73,8 @@ def _meta(q: torch.Tensor, d: torch.Tensor) -> dict:
 
 # Warps per kernel at BK = 128, from per-kernel timings on an H200 (docs/PERFORMANCE.md); the
 # backward's gradient kernels hold several [C, BK] float32 accumulators and want the registers of 8.
-WARPS = dict(solve=1, wy_fwd=4, state_fwd=4, output=4, state_bwd=8, pseudo_value_grad=4, output_state_grad=8,
-             extra_key_grad=8, wy_bwd=4)
+WARPS = dict(solve=1, wy_fwd=4, extra_write=4, state_fwd=4, output=4, state_bwd=8, pseudo_value_grad=4,
+             output_state_grad=8, extra_key_grad=8, wy_bwd=4)
 
 
 def _warps(kernel: str, m: dict) -> int:
@@ -82,14 +82,16 @@ def _warps(kernel: str, m: dict) -> int:
     return max(1, WARPS[kernel] // 2) if m["BK"] <= 64 else WARPS[kernel]
 
 
-def _stages(m: dict) -> int:
-    """Software-pipelining depth of the loops over chunks (state scans) and value blocks (wy_fwd): each
-    stage buffers a chunk's tiles of k, w, the L - 1 extra keys, u~ and the L directions. Two stages
-    where this estimate of them fits in Hopper's 227 KiB of shared memory (L = 3 at K = 128 in 16 bits
-    is the largest that compiled with two), else one."""
-    size = 4 if m["IEEE"] else 2
-    per_stage = CHUNK * (m["BK"] * (m["L"] + 1) * size + m["BV"] * (4 + m["L"] * size))
-    return 2 if 2 * per_stage <= 210 * 1024 else 1
+def _stages(stage_bytes: int) -> int:
+    """Software-pipelining depth of a loop over chunks (state scans) or value blocks (wy_fwd) whose every
+    iteration loads stage_bytes of tiles: two stages where two fit in Hopper's 227 KiB of shared memory
+    with room to spare (L = 3 at K = 128 in 16 bits is the largest wy_fwd that compiled with two), else one."""
+    return 2 if 2 * stage_bytes <= 210 * 1024 else 1
+
+
+def _tile_bytes(m: dict, key_tiles: int, value_tiles: int) -> int:
+    """Bytes of key_tiles [C, BK] and value_tiles [C, BV] tiles in the input dtype."""
+    return (4 if m["IEEE"] else 2) * CHUNK * (key_tiles * m["BK"] + value_tiles * m["BV"])
 
 
 def _solve(k, beta, g, layout):
@@ -111,15 +113,26 @@ def _chunk_states(k, d, kx, beta, g_cum, t_mat, initial_state, layout, output_fi
     V = m["V"]
     w = torch.empty(TT, H, K, dtype=k.dtype, device=k.device)
     u_tilde = torch.empty(TT, H, V, dtype=k.dtype, device=k.device)
+    L = m["L"]
+    # Per value block: k, the extra keys and the L directions, and U~ in float32; one key tile to spare.
+    wy_stage = _tile_bytes(m, L + 1, L) + 4 * CHUNK * m["BV"]
     wy_fwd_kernel[(layout.num_chunks, H)](k, kx, d, beta, g_cum, t_mat, w, u_tilde, layout.chunks, H=H, C=CHUNK,
-                                          num_warps=_warps("wy_fwd", m), num_stages=_stages(m), **m)
+                                          num_warps=_warps("wy_fwd", m), num_stages=_stages(wy_stage), **m)
+    grid_v = triton.cdiv(V, m["BV"])
+    writes = None
+    if L > 1:
+        writes = torch.empty(layout.num_chunks, H, K, V, dtype=torch.float32, device=k.device)
+        extra_write_kernel[(layout.num_chunks, H, grid_v)](kx, d, beta, g_cum, writes, layout.chunks, H=H, C=CHUNK,
+                                                            num_warps=_warps("extra_write", m), **m)
     states = torch.empty(layout.num_chunks, H, K, V, dtype=k.dtype, device=k.device)
     u = torch.empty(TT, H, V, dtype=k.dtype, device=k.device)
     final = torch.empty(layout.num_seqs, H, K, V, dtype=torch.float32, device=k.device) if output_final_state else None
-    state_fwd_kernel[(layout.num_seqs, H, triton.cdiv(V, m["BV"]))](
-        k, kx, d, beta, g_cum, w, u_tilde, initial_state, states, u, final, layout.cu_seqlens, layout.chunk_offsets,
-        H=H, C=CHUNK, HAS_H0=initial_state is not None, STORE_FINAL=output_final_state,
-        num_warps=_warps("state_fwd", m), num_stages=_stages(m), **m)
+    # Per chunk: k, w, U~ and the extra keys' [BK, BV] float32 term.
+    scan_stage = _tile_bytes(m, 2, 1) + 4 * m["BK"] * m["BV"]
+    state_fwd_kernel[(layout.num_seqs, H, grid_v)](
+        k, g_cum, w, u_tilde, states if writes is None else writes, initial_state, states, u, final,
+        layout.cu_seqlens, layout.chunk_offsets, H=H, C=CHUNK, HAS_H0=initial_state is not None,
+        STORE_FINAL=output_final_state, num_warps=_warps("state_fwd", m), num_stages=_stages(scan_stage), **m)
     return w, u_tilde, states, u, final
 
 
@@ -158,7 +171,7 @@ class ChunkPrismFunction(torch.autograd.Function):
         state_bwd_kernel[(layout.num_seqs, H, triton.cdiv(V, m["BV"]))](
             q, k, w, g_cum, do, dht, dh0, d_states, du, layout.cu_seqlens, layout.chunk_offsets, scale,
             H=H, C=CHUNK, HAS_DHT=dht is not None, HAS_H0=initial_state is not None, num_warps=_warps("state_bwd", m),
-            num_stages=_stages(m), **{key: m[key] for key in ("K", "V", "BK", "BV", "IEEE")})
+            num_stages=_stages(_tile_bytes(m, 3, 2)), **{key: m[key] for key in ("K", "V", "BK", "BV", "IEEE")})
 
         # dq is final after output_state_grad; the other gradients stay float32 partials until wy_bwd.
         dq = torch.empty_like(q)
