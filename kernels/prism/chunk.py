@@ -114,10 +114,13 @@ def _chunk_states(k, d, kx, beta, g_cum, t_mat, initial_state, layout, output_fi
     w = torch.empty(TT, H, K, dtype=k.dtype, device=k.device)
     u_tilde = torch.empty(TT, H, V, dtype=k.dtype, device=k.device)
     L = m["L"]
+    # wy_fwd forms the extra keys' kernel matrices B^l once per value block: with 16-bit inputs, blocks of up
+    # to 128 columns (float32 tiles take twice the shared memory).
+    m_wy = dict(m, BV=m["BV"] if m["IEEE"] else min(128, max(16, triton.next_power_of_2(V))))
     # Per value block: k, the extra keys and the L directions, and U~ in float32; one key tile to spare.
-    wy_stage = _tile_bytes(m, L + 1, L) + 4 * CHUNK * m["BV"]
+    wy_stage = _tile_bytes(m_wy, L + 1, L) + 4 * CHUNK * m_wy["BV"]
     wy_fwd_kernel[(layout.num_chunks, H)](k, kx, d, beta, g_cum, t_mat, w, u_tilde, layout.chunks, H=H, C=CHUNK,
-                                          num_warps=_warps("wy_fwd", m), num_stages=_stages(wy_stage), **m)
+                                          num_warps=_warps("wy_fwd", m), num_stages=_stages(wy_stage), **m_wy)
     grid_v = triton.cdiv(V, m["BV"])
     writes = None
     if L > 1:
