@@ -82,16 +82,17 @@ def _warps(kernel: str, m: dict) -> int:
     return max(1, WARPS[kernel] // 2) if m["BK"] <= 64 else WARPS[kernel]
 
 
-def _stages(stage_bytes: int) -> int:
-    """Software-pipelining depth of a loop over chunks (state scans) or value blocks (wy_fwd) whose every
-    iteration loads stage_bytes of tiles: two stages where two fit in Hopper's 227 KiB of shared memory
-    with room to spare (L = 3 at K = 128 in 16 bits is the largest wy_fwd that compiled with two), else one."""
-    return 2 if 2 * stage_bytes <= 210 * 1024 else 1
+def _stages(stage_bytes: int, resident_bytes: int = 0) -> int:
+    """Software-pipelining depth of a kernel's loop over chunks (state scans) or value blocks whose every
+    iteration loads stage_bytes of tiles, next to resident_bytes of tiles loaded once: two stages where two
+    fit in Hopper's 227 KiB of shared memory with room to spare, else one."""
+    return 2 if resident_bytes + 2 * stage_bytes <= 210 * 1024 else 1
 
 
-def _tile_bytes(m: dict, key_tiles: int, value_tiles: int) -> int:
-    """Bytes of key_tiles [C, BK] and value_tiles [C, BV] tiles in the input dtype."""
-    return (4 if m["IEEE"] else 2) * CHUNK * (key_tiles * m["BK"] + value_tiles * m["BV"])
+def _tile_bytes(m: dict, key: int = 0, value: int = 0, state: int = 0, square: int = 0) -> int:
+    """Bytes of tiles in the input dtype: key [C, BK], value [C, BV], state [BK, BV] and square [C, C] ones."""
+    size = 4 if m["IEEE"] else 2
+    return size * (CHUNK * (key * m["BK"] + value * m["BV"] + square * CHUNK) + state * m["BK"] * m["BV"])
 
 
 def _solve(k, beta, g, layout):
@@ -114,11 +115,11 @@ def _chunk_states(k, d, kx, beta, g_cum, t_mat, initial_state, layout, output_fi
     w = torch.empty(TT, H, K, dtype=k.dtype, device=k.device)
     u_tilde = torch.empty(TT, H, V, dtype=k.dtype, device=k.device)
     L = m["L"]
-    # wy_fwd forms the extra keys' kernel matrices B^l once per value block: with 16-bit inputs, blocks of up
-    # to 128 columns (float32 tiles take twice the shared memory).
-    m_wy = dict(m, BV=m["BV"] if m["IEEE"] else min(128, max(16, triton.next_power_of_2(V))))
+    # wy_fwd forms the extra keys' kernel matrices B^l once per value block: with 16-bit inputs and K <= 128,
+    # blocks of up to 128 columns (float32 tiles, or K = 256, take twice the shared memory).
+    m_wy = dict(m, BV=m["BV"] if m["IEEE"] or m["BK"] > 128 else min(128, max(16, triton.next_power_of_2(V))))
     # Per value block: k, the extra keys and the L directions, and U~ in float32; one key tile to spare.
-    wy_stage = _tile_bytes(m_wy, L + 1, L) + 4 * CHUNK * m_wy["BV"]
+    wy_stage = _tile_bytes(m_wy, key=L + 1, value=L) + 4 * CHUNK * m_wy["BV"]
     wy_fwd_kernel[(layout.num_chunks, H)](k, kx, d, beta, g_cum, t_mat, w, u_tilde, layout.chunks, H=H, C=CHUNK,
                                           num_warps=_warps("wy_fwd", m), num_stages=_stages(wy_stage), **m_wy)
     grid_v = triton.cdiv(V, m["BV"])
@@ -131,7 +132,7 @@ def _chunk_states(k, d, kx, beta, g_cum, t_mat, initial_state, layout, output_fi
     u = torch.empty(TT, H, V, dtype=k.dtype, device=k.device)
     final = torch.empty(layout.num_seqs, H, K, V, dtype=torch.float32, device=k.device) if output_final_state else None
     # Per chunk: k, w, U~ and the extra keys' [BK, BV] float32 term.
-    scan_stage = _tile_bytes(m, 2, 1) + 4 * m["BK"] * m["BV"]
+    scan_stage = _tile_bytes(m, key=2, value=1) + 4 * m["BK"] * m["BV"]
     state_fwd_kernel[(layout.num_seqs, H, grid_v)](
         k, g_cum, w, u_tilde, states if writes is None else writes, initial_state, states, u, final,
         layout.cu_seqlens, layout.chunk_offsets, H=H, C=CHUNK, HAS_H0=initial_state is not None,
@@ -174,7 +175,8 @@ class ChunkPrismFunction(torch.autograd.Function):
         state_bwd_kernel[(layout.num_seqs, H, triton.cdiv(V, m["BV"]))](
             q, k, w, g_cum, do, dht, dh0, d_states, du, layout.cu_seqlens, layout.chunk_offsets, scale,
             H=H, C=CHUNK, HAS_DHT=dht is not None, HAS_H0=initial_state is not None, num_warps=_warps("state_bwd", m),
-            num_stages=_stages(_tile_bytes(m, 3, 2)), **{key: m[key] for key in ("K", "V", "BK", "BV", "IEEE")})
+            num_stages=_stages(_tile_bytes(m, key=3, value=2)),
+            **{key: m[key] for key in ("K", "V", "BK", "BV", "IEEE")})
 
         # dq is final after output_state_grad; the other gradients stay float32 partials until wy_bwd.
         dq = torch.empty_like(q)
@@ -189,15 +191,18 @@ class ChunkPrismFunction(torch.autograd.Function):
         grid = (layout.num_chunks, H)
         pseudo_value_grad_kernel[grid](
             k, d, beta, g_cum, t_mat, w, u_tilde, states, du, dk_acc, dd, dbeta_acc, dg_acc, d_a, layout.chunks,
-            H=H, C=CHUNK, num_warps=_warps("pseudo_value_grad", m), **m)
+            H=H, C=CHUNK, num_warps=_warps("pseudo_value_grad", m),
+            num_stages=_stages(_tile_bytes(m, value=3, state=1), _tile_bytes(m, key=2, square=1)), **m)
         output_state_grad_kernel[grid](
             q, k, kx_arg, d, beta, g_cum, states, u, d_states, do, dq, dk_acc, dg_acc, layout.chunks, scale,
-            H=H, C=CHUNK, num_warps=_warps("output_state_grad", m), **m)
+            H=H, C=CHUNK, num_warps=_warps("output_state_grad", m),
+            num_stages=_stages(_tile_bytes(m, value=2, state=2), _tile_bytes(m, key=2)), **m)
         if L > 1:
             extra_key_grad_kernel[(layout.num_chunks, H, L - 1)](
                 q, k, kx, d, beta, g_cum, t_mat, d_states, du, do,
                 dkx_acc, dd, dbeta_acc, dg_acc, d_b, layout.chunks, scale, H=H, C=CHUNK,
-                num_warps=_warps("extra_key_grad", m), **m)
+                num_warps=_warps("extra_key_grad", m),
+                num_stages=_stages(_tile_bytes(m, value=3, state=2), _tile_bytes(m, key=2, square=3)), **m)
         del w, u_tilde, states, u, d_states, du  # lowers the peak: the outputs below can take their memory
         dk, dbeta = torch.empty_like(k), torch.empty_like(beta)
         dkx = torch.empty_like(kx) if kx is not None else dk
