@@ -74,12 +74,14 @@ def _meta(q: torch.Tensor, d: torch.Tensor) -> dict:
 # Warps per kernel at BK = 128, from per-kernel timings on an H200 (docs/PERFORMANCE.md); the
 # backward's gradient kernels hold several [C, BK] float32 accumulators and want the registers of 8.
 WARPS = dict(solve=1, wy_fwd=4, extra_write=4, state_fwd=4, output=4, state_bwd=8, pseudo_value_grad=4,
-             output_state_grad=8, extra_key_grad=8, wy_bwd=4)
+             output_state_grad=8, extra_key_grad=8, wy_bwd=4, wy_bwd_extra_keys=8)
+# Kernels whose largest tiles are the chunk's [C, C] float32 matrices, which do not shrink with K.
+SQUARE_TILED = ("solve", "pseudo_value_grad", "wy_bwd", "wy_bwd_extra_keys")
 
 
 def _warps(kernel: str, m: dict) -> int:
-    """Half as many warps for K <= 64, whose tiles are half as large."""
-    return max(1, WARPS[kernel] // 2) if m["BK"] <= 64 else WARPS[kernel]
+    """Half as many warps for K <= 64, whose [C, BK] and [BK, BV] tiles are half as large."""
+    return WARPS[kernel] // 2 if m["BK"] <= 64 and kernel not in SQUARE_TILED else WARPS[kernel]
 
 
 def _stages(stage_bytes: int, resident_bytes: int = 0) -> int:
@@ -199,17 +201,18 @@ class ChunkPrismFunction(torch.autograd.Function):
             num_stages=_stages(_tile_bytes(m, value=2, state=2), _tile_bytes(m, key=2)), **m)
         if L > 1:
             extra_key_grad_kernel[(layout.num_chunks, H, L - 1)](
-                q, k, kx, d, beta, g_cum, t_mat, d_states, du, do,
+                q, k, kx, d, beta, g_cum, d_states, du, do,
                 dkx_acc, dd, dbeta_acc, dg_acc, d_b, layout.chunks, scale, H=H, C=CHUNK,
                 num_warps=_warps("extra_key_grad", m),
-                num_stages=_stages(_tile_bytes(m, value=3, state=2), _tile_bytes(m, key=2, square=3)), **m)
+                num_stages=_stages(_tile_bytes(m, value=3, state=2), _tile_bytes(m, key=2, square=2)), **m)
         del w, u_tilde, states, u, d_states, du  # lowers the peak: the outputs below can take their memory
         dk, dbeta = torch.empty_like(k), torch.empty_like(beta)
         dkx = torch.empty_like(kx) if kx is not None else dk
         dg = torch.empty(TT, H, dtype=ctx.g_dtype, device=q.device)
         wy_bwd_kernel[grid](
             k, kx_arg, beta, g_cum, d_a, d_b, dg_acc, dk_acc, dkx_acc, dbeta_acc, dk, dkx, dbeta, dg, layout.chunks,
-            H=H, K=K, L=L, C=CHUNK, BK=m["BK"], IEEE=m["IEEE"], num_warps=_warps("wy_bwd", m))
+            H=H, K=K, L=L, C=CHUNK, BK=m["BK"], IEEE=m["IEEE"],
+            num_warps=_warps("wy_bwd" if L == 1 else "wy_bwd_extra_keys", m))
         dkx = dkx if kx is not None else None
         dh0 = dh0.to(initial_state.dtype) if dh0 is not None else None
         return dq, dk, dd, dkx, dbeta, dg, None, dh0, None, None

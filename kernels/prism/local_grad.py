@@ -8,7 +8,8 @@ gradient dU from state.py's backward scan. Three kernels, each small enough to s
 - output_state_grad: through the output O and the erasure key's end-state term, one program per
   (chunk, head): dq, final (every key's output term), and partial dk, dG.
 - extra_key_grad: key l = 2..L's state, output and solve terms, one program per (chunk, head, key):
-  dd^l and partial dkx, db^l, dG, and dB^l = -strict-lower(dR (W^l)^T).
+  dd^l and partial dkx, db^l, dG, and dB^l = -strict-lower(dR (W^l)^T), from the dR that
+  pseudo_value_grad leaves in dU's place.
 
 wy.py's backward finishes the partials (float32): it adds the paths through A and B^l. dG has a slot
 per kernel and key (L + 1), so that no kernel reads another's. Transposed products are formed from
@@ -17,7 +18,7 @@ operands loaded transposed, never by transposing a product.
 import triton
 import triton.language as tl
 
-from .tiles import cast, chunk_decay, chunk_rows, load_rows, load_rows_t, mm
+from .tiles import cast, chunk_decay, chunk_rows, load_rows, load_rows_t, mm, operand
 
 
 @triton.jit
@@ -27,7 +28,8 @@ def pseudo_value_grad_kernel(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr,
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr,
 ):
-    """Writes dd^1, dA, and the first partials of dk, db1 and dG (slot 1)."""
+    """Writes dd^1, dA, and the first partials of dk, db1 and dG (slot 1); with extra keys, also
+    dR over dU (extra_key_grad needs dR, and nothing after this kernel needs dU)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     t0, t_end, tok, m_c, row = chunk_rows(chunks, i_c, i_h, H, C)
     o_c = tl.arange(0, C)
@@ -51,6 +53,9 @@ def pseudo_value_grad_kernel(
         b_du = load_rows(du, row * V, m_c, o_v, V)
         b_dw -= mm(b_du, b_ht, IEEE)
         b_dr = mm(b_Tt, b_du, IEEE)
+        if L > 1:
+            tl.store(du + row[:, None] * V + o_v[None, :], cast(b_dr, du.dtype.element_ty),
+                     mask=m_c[:, None] & m_v[None, :])
         b_dru += mm(b_dr, tl.trans(load_rows(u_tilde, row * V, m_c, o_v, V)), IEEE)
         b_db1 += tl.sum(b_dr * load_rows(d, row * L * V, m_c, o_v, V).to(tl.float32), 1)
         tl.store(dd + (row * L)[:, None] * V + o_v[None, :], cast(b_dr * b_b1[:, None], dd.dtype.element_ty),
@@ -148,14 +153,15 @@ def output_state_grad_kernel(
 
 @triton.jit
 def extra_key_grad_kernel(
-    q, k, kx, d, beta, g_cum, t_mat, d_states, du, do,
+    q, k, kx, d, beta, g_cum, d_states, d_r, do,
     dkx, dd, dbeta, dg_acc, d_b, chunks, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr,
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr,
 ):
     """Key l = 2..L: its output term (M * Q (Kappa^l)^T) W^l, state term (Kappa^l)^T diag(gamma_C/gamma) W^l
     and right-hand side term -B^l W^l of the triangular solve, W^l = diag(b^l) D^l. The output term's
-    gradient in q is output_state_grad's, which sums it over keys without a partial per key."""
+    gradient in q is output_state_grad's, which sums it over keys without a partial per key. d_r holds
+    dR = T^T dU, which pseudo_value_grad wrote over dU."""
     i_c, i_h, l = tl.program_id(0), tl.program_id(1), tl.program_id(2) + 1
     t0, t_end, tok, m_c, row = chunk_rows(chunks, i_c, i_h, H, C)
     o_c = tl.arange(0, C)
@@ -175,10 +181,10 @@ def extra_key_grad_kernel(
     b_bl = tl.load(beta + row * L + l, mask=m_c, other=0.0).to(tl.float32)
     b_q = load_rows(q, row * K, m_c, o_k, K)
     b_kx = load_rows(kx, x_row * K, m_c, o_k, K)
-    b_Tt = tl.load(t_mat + row[None, :] * C + o_c[:, None], mask=m_c[None, :], other=0.0)
-    b_plt = b_Mt * mm(b_kx, tl.trans(b_q), IEEE)
-    b_blt = chunk_decay(b_G, m_c, False, True, C) * b_b1[None, :] * mm(
-        b_kx, tl.trans(load_rows(k, row * K, m_c, o_k, K)), IEEE)
+    # Held across the value loop as product operands only: in their rounded precision, half the registers.
+    b_plt = operand(b_Mt * mm(b_kx, tl.trans(b_q), IEEE), IEEE)
+    b_blt = operand(chunk_decay(b_G, m_c, False, True, C) * b_b1[None, :] * mm(
+        b_kx, tl.trans(load_rows(k, row * K, m_c, o_k, K)), IEEE), IEEE)
 
     b_wdo = tl.zeros([C, C], dtype=tl.float32)     # W^l dO^T
     b_dBl = tl.zeros([C, C], dtype=tl.float32)     # dR (W^l)^T
@@ -194,7 +200,7 @@ def extra_key_grad_kernel(
         b_dl = load_rows(d, (row * L + l) * V, m_c, o_v, V).to(tl.float32)
         b_wl = b_dl * b_bl[:, None]
         b_do = load_rows(do, row * V, m_c, o_v, V)
-        b_dr = mm(b_Tt, load_rows(du, row * V, m_c, o_v, V), IEEE)
+        b_dr = load_rows(d_r, row * V, m_c, o_v, V)
         b_wdo += mm(b_wl, tl.trans(b_do), IEEE)
         b_dkxst += mm(b_wl, b_dht, IEEE)
         b_dBl += mm(b_dr, tl.trans(b_wl), IEEE)

@@ -77,6 +77,17 @@ def cast(x, dtype: tl.constexpr):
 
 
 @triton.jit
+def operand(x, IEEE: tl.constexpr):
+    """x rounded as mm rounds its operands (bfloat16 for 16-bit inputs; float32 ones stay): for tiles a
+    kernel keeps only to multiply with, which then take half the registers."""
+    if IEEE:
+        y = x
+    else:
+        y = cast(x, tl.bfloat16)
+    return y
+
+
+@triton.jit
 def mm(a, b, IEEE: tl.constexpr):
     """a @ b accumulated in float32: bfloat16 operands for 16-bit inputs (the tensor-core rate, and
     half the shared memory of float32 ones), exact float32 products for float32 inputs."""
