@@ -1,4 +1,4 @@
-"""Tile loads and the matrix product shared by the PRISM chunk kernels.
+"""Tile loads, casts and the matrix products shared by the PRISM chunk kernels.
 
 Rows of every [tokens, heads, ...] tensor are addressed by an int64 element offset per row, so
 products of B, T, H and the head dims never wrap at 2^31. Tiles that a kernel needs transposed are
@@ -10,9 +10,10 @@ import os
 import triton
 import triton.language as tl
 
-# Triton 3.9's interpreter garbles float32 -> bfloat16 casts of transposed tiles, so under it the
-# products round their operands to bfloat16 or TF32 precision by bit arithmetic instead, as the
-# tensor cores would: the CPU tests then see the GPU's rounding error.
+# Triton 3.9's interpreter truncates float32 -> bfloat16 casts (and garbles those of transposed tiles),
+# where the GPU rounds to nearest even. Under it, products round their operands to bfloat16 or TF32
+# precision by bit arithmetic, as the tensor cores would, and `cast` rounds stored bfloat16 the same
+# way: the CPU tests then see the GPU's rounding error.
 INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 
 
