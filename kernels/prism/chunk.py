@@ -27,7 +27,7 @@ import triton
 from .local_grad import extra_key_grad_kernel, output_state_grad_kernel, pseudo_value_grad_kernel
 from .output import output_fwd_kernel
 from .solve import solve_kernel
-from .state import extra_write_kernel, state_bwd_kernel, state_fwd_kernel
+from .state import du_local_kernel, extra_write_kernel, state_bwd_kernel, state_fwd_kernel
 from .wy import wy_bwd_kernel, wy_fwd_kernel
 
 CHUNK = 64
@@ -73,7 +73,7 @@ def _meta(q: torch.Tensor, d: torch.Tensor) -> dict:
 
 # Warps per kernel at BK = 128, from per-kernel timings on an H200 (docs/PERFORMANCE.md); the
 # backward's gradient kernels hold several [C, BK] float32 accumulators and want the registers of 8.
-WARPS = dict(solve=1, wy_fwd=4, extra_write=4, state_fwd=4, output=4, state_bwd=8, pseudo_value_grad=4,
+WARPS = dict(solve=1, wy_fwd=4, extra_write=4, state_fwd=4, output=4, du_local=4, state_bwd=8, pseudo_value_grad=4,
              output_state_grad=8, extra_key_grad=8, wy_bwd=4, wy_bwd_extra_keys=8)
 # Kernels whose largest tiles are the chunk's [C, C] float32 matrices, which do not shrink with K.
 SQUARE_TILED = ("solve", "pseudo_value_grad", "wy_bwd", "wy_bwd_extra_keys")
@@ -97,6 +97,12 @@ def _tile_bytes(m: dict, key: int = 0, value: int = 0, state: int = 0, square: i
     return size * (CHUNK * (key * m["BK"] + value * m["BV"] + square * CHUNK) + state * m["BK"] * m["BV"])
 
 
+def _wide_values(m: dict) -> dict:
+    """m with value blocks of up to 128 columns for 16-bit inputs at K <= 128 (float32 tiles, or K = 256, take
+    twice the shared memory): for kernels that form a [C, C] matrix to multiply every value block with."""
+    return dict(m, BV=m["BV"] if m["IEEE"] or m["BK"] > 128 else min(128, max(16, triton.next_power_of_2(m["V"]))))
+
+
 def _solve(k, beta, g, layout):
     """solve.py: G (float32) and T (the input dtype), per token and head."""
     TT, H, K = k.shape
@@ -117,9 +123,8 @@ def _chunk_states(k, d, kx, beta, g_cum, t_mat, initial_state, layout, output_fi
     w = torch.empty(TT, H, K, dtype=k.dtype, device=k.device)
     u_tilde = torch.empty(TT, H, V, dtype=k.dtype, device=k.device)
     L = m["L"]
-    # wy_fwd forms the extra keys' kernel matrices B^l once per value block: with 16-bit inputs and K <= 128,
-    # blocks of up to 128 columns (float32 tiles, or K = 256, take twice the shared memory).
-    m_wy = dict(m, BV=m["BV"] if m["IEEE"] or m["BK"] > 128 else min(128, max(16, triton.next_power_of_2(V))))
+    # wy_fwd forms the extra keys' kernel matrices B^l once per value block.
+    m_wy = _wide_values(m)
     # Per value block: k, the extra keys and the L directions, and U~ in float32; one key tile to spare.
     wy_stage = _tile_bytes(m_wy, key=L + 1, value=L) + 4 * CHUNK * m_wy["BV"]
     wy_fwd_kernel[(layout.num_chunks, H)](k, kx, d, beta, g_cum, t_mat, w, u_tilde, layout.chunks, H=H, C=CHUNK,
@@ -172,13 +177,18 @@ class ChunkPrismFunction(torch.autograd.Function):
         f32 = dict(dtype=torch.float32, device=q.device)
         do = do.contiguous()
         d_states = torch.empty(states.shape, dtype=q.dtype, device=q.device)
+        du_local = torch.empty(TT, H, V, **f32)
+        m_du = {key: m[key] for key in ("K", "V", "BK", "BV", "IEEE")}
+        m_wide = _wide_values(m_du)
+        du_local_kernel[(layout.num_chunks, H, triton.cdiv(V, m_wide["BV"]))](
+            q, k, g_cum, do, du_local, layout.chunks, scale, H=H, C=CHUNK, num_warps=_warps("du_local", m), **m_wide)
         du = torch.empty(TT, H, V, dtype=q.dtype, device=q.device)
         dh0 = torch.empty(layout.num_seqs, H, K, V, **f32) if initial_state is not None else None
         state_bwd_kernel[(layout.num_seqs, H, triton.cdiv(V, m["BV"]))](
-            q, k, w, g_cum, do, dht, dh0, d_states, du, layout.cu_seqlens, layout.chunk_offsets, scale,
+            q, k, w, g_cum, do, du_local, dht, dh0, d_states, du, layout.cu_seqlens, layout.chunk_offsets, scale,
             H=H, C=CHUNK, HAS_DHT=dht is not None, HAS_H0=initial_state is not None, num_warps=_warps("state_bwd", m),
-            num_stages=_stages(_tile_bytes(m, key=3, value=2)),
-            **{key: m[key] for key in ("K", "V", "BK", "BV", "IEEE")})
+            num_stages=_stages(_tile_bytes(m, key=3, value=3)), **m_du)
+        del du_local  # float32, but gone before the gradient buffers below are made
 
         # dq is final after output_state_grad; the other gradients stay float32 partials until wy_bwd.
         dq = torch.empty_like(q)
