@@ -192,7 +192,7 @@ class ChunkPrismFunction(torch.autograd.Function):
 
         # dq is final after output_state_grad; the other gradients stay float32 partials until wy_bwd.
         dq = torch.empty_like(q)
-        dg_acc = torch.empty(TT, H, L + 1, **f32)
+        dg_acc = torch.empty(TT, H, 2, **f32)
         dk_acc = torch.empty(TT, H, K, **f32)
         # With L = 1 the extra-key buffers are never touched: stand-ins keep every pointer valid.
         dkx_acc = torch.empty(TT, H, L - 1, K, **f32) if L > 1 else dk_acc
@@ -206,15 +206,14 @@ class ChunkPrismFunction(torch.autograd.Function):
             H=H, C=CHUNK, num_warps=_warps("pseudo_value_grad", m),
             num_stages=_stages(_tile_bytes(m, value=3, state=1), _tile_bytes(m, key=2, square=1)), **m)
         output_state_grad_kernel[grid](
-            q, k, kx_arg, d, beta, g_cum, states, u, d_states, do, dq, dk_acc, dg_acc, layout.chunks, scale,
+            q, k, kx_arg, d, beta, g_cum, states, u, d_states, do, dq, dk_acc, dkx_acc, dg_acc, layout.chunks, scale,
             H=H, C=CHUNK, num_warps=_warps("output_state_grad", m),
-            num_stages=_stages(_tile_bytes(m, value=2, state=2), _tile_bytes(m, key=2)), **m)
+            num_stages=_stages(_tile_bytes(m, value=2, state=2), _tile_bytes(m, key=3)), **m)
         if L > 1:
             extra_key_grad_kernel[(layout.num_chunks, H, L - 1)](
-                q, k, kx, d, beta, g_cum, d_states, du, do,
-                dkx_acc, dd, dbeta_acc, dg_acc, d_b, layout.chunks, scale, H=H, C=CHUNK,
+                q, k, kx, d, beta, g_cum, d_states, du, do, dd, dbeta_acc, d_b, layout.chunks, scale, H=H, C=CHUNK,
                 num_warps=_warps("extra_key_grad", m),
-                num_stages=_stages(_tile_bytes(m, value=3, state=2), _tile_bytes(m, key=2, square=2)), **m)
+                num_stages=_stages(_tile_bytes(m, value=3, state=1), _tile_bytes(m, key=1, square=2)), **m)
         del w, u_tilde, states, u, d_states, du  # lowers the peak: the outputs below can take their memory
         dk, dbeta = torch.empty_like(k), torch.empty_like(beta)
         dkx = torch.empty_like(kx) if kx is not None else dk

@@ -5,15 +5,15 @@ gradient dU from state.py's backward scan. Three kernels, each small enough to s
 - pseudo_value_grad: through U = U~ - W^ S_0, one program per (chunk, head). dW^ = -dU S_0^T and
   dR = T^T dU, the gradients of the two right-hand sides of the triangular solve: dd^1, the
   kernel-matrix gradient dA = -strict-lower(dX W^T + dR U~^T) with dX = T^T dW^, and partial dk, db1, dG.
-- output_state_grad: through the output O and the erasure key's end-state term, one program per
-  (chunk, head): dq, final (every key's output term), and partial dk, dG.
-- extra_key_grad: key l = 2..L's state, output and solve terms, one program per (chunk, head, key):
-  dd^l and partial dkx, db^l, dG, and dB^l = -strict-lower(dR (W^l)^T), from the dR that
-  pseudo_value_grad leaves in dU's place.
+- output_state_grad: through the output O and the end state S_C, one program per (chunk, head): dq,
+  final, and partial dk, dkx and dG, for every key.
+- extra_key_grad: through the right-hand side and the output and end-state values of key l = 2..L,
+  one program per (chunk, head, key): dd^l, db^l and dB^l = -strict-lower(dR (W^l)^T), from the dR
+  that pseudo_value_grad leaves in dU's place.
 
 wy.py's backward finishes the partials (float32): it adds the paths through A and B^l. dG has a slot
-per kernel and key (L + 1), so that no kernel reads another's. Transposed products are formed from
-operands loaded transposed, never by transposing a product.
+per kernel that writes it (two), so that neither reads the other's. Transposed products are formed
+from operands loaded transposed, never by transposing a product.
 """
 import triton
 import triton.language as tl
@@ -69,19 +69,19 @@ def pseudo_value_grad_kernel(
     tl.store(d_a + row[:, None] * C + o_c[None, :], b_dA, mask=m_c[:, None])
     tl.store(dk + row[:, None] * K + o_k[None, :], b_bg[:, None] * b_dx, mask=m_c[:, None] & m_k[None, :])
     tl.store(dbeta + row * L, b_db1 + b_xk * b_gam, mask=m_c)
-    tl.store(dg_acc + row * (L + 1) + 1, b_xk * b_bg, mask=m_c)
+    tl.store(dg_acc + row * 2 + 1, b_xk * b_bg, mask=m_c)
 
 
 @triton.jit
 def output_state_grad_kernel(
     q, k, kx, d, beta, g_cum, states, u, d_states, do,
-    dq, dk, dg_acc, chunks, scale,
+    dq, dk, dkx, dg_acc, chunks, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr,
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr,
 ):
-    """Output O = scale [diag(gamma) Q S_0 + (M * Q K^T) U + sum_l (M * Q (Kappa^l)^T) W^l] and the end
-    state's S_C = gamma_C S_0 + K^T diag(gamma_C / gamma) U + ...: writes dq, adds to dk (after
-    pseudo_value_grad), writes dG's slot 0."""
+    """Output O = scale [diag(gamma) Q S_0 + (M * Q K^T) U + sum_l (M * Q (Kappa^l)^T) W^l] and end state
+    S_C = gamma_C S_0 + K^T diag(gamma_C / gamma) U + sum_l (Kappa^l)^T diag(gamma_C / gamma) W^l:
+    writes dq and dkx's first partial, adds to dk (after pseudo_value_grad), writes dG's slot 0."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     t0, t_end, tok, m_c, row = chunk_rows(chunks, i_c, i_h, H, C)
     o_c = tl.arange(0, C)
@@ -134,87 +134,81 @@ def output_state_grad_kernel(
     b_dk += b_dkst + tl.load(dk + row[:, None] * K + o_k[None, :], mask=m_ck, other=0.0)
     tl.store(dk + row[:, None] * K + o_k[None, :], b_dk, mask=m_ck)
 
-    # The extra keys' output terms, dP^l = scale dO (W^l)^T, one key at a time.
+    # The extra keys' output and end-state terms, one key at a time.
     for l in tl.static_range(1, L):
-        b_kx = load_rows(kx, (row * (L - 1) + l - 1) * K, m_c, o_k, K)
+        x_row = row * (L - 1) + l - 1
+        b_kx = load_rows(kx, x_row * K, m_c, o_k, K)
         b_bl = tl.load(beta + row * L + l, mask=m_c, other=0.0).to(tl.float32)
-        b_dPl = tl.zeros([C, C], dtype=tl.float32)
+        b_dPl = tl.zeros([C, C], dtype=tl.float32)      # dO (W^l)^T
+        b_wdo = tl.zeros([C, C], dtype=tl.float32)      # W^l dO^T
+        b_dkxst = tl.zeros([C, BK], dtype=tl.float32)   # W^l dS^T
         for i_v in range(tl.cdiv(V, BV)):
             o_v = i_v * BV + tl.arange(0, BV)
             b_wl = load_rows(d, (row * L + l) * V, m_c, o_v, V).to(tl.float32) * b_bl[:, None]
-            b_dPl += mm(load_rows(do, row * V, m_c, o_v, V), tl.trans(b_wl), IEEE)
+            b_do = load_rows(do, row * V, m_c, o_v, V)
+            b_dht = tl.load(d_states + state_off + o_k[None, :] * V + o_v[:, None],
+                            mask=m_k[None, :] & (o_v < V)[:, None], other=0.0)
+            b_dPl += mm(b_do, tl.trans(b_wl), IEEE)
+            b_wdo += mm(b_wl, tl.trans(b_do), IEEE)
+            b_dkxst += mm(b_wl, b_dht, IEEE)
         b_dPl *= scale * b_M
         b_z = tl.where(strict, b_dPl * mm(b_q, tl.trans(b_kx), IEEE), 0.0)
         b_dG += tl.sum(b_z, 1) - tl.sum(b_z, 0)
         b_dq += mm(b_dPl, b_kx, IEEE)
+        b_dkxst *= b_dec[:, None]
+        b_z = tl.where(tok == t_last, 0.0, tl.sum(b_dkxst * b_kx.to(tl.float32), 1))
+        b_dG += tl.where(tok == t_last, tl.sum(b_z, 0), 0.0) - b_z
+        b_dkx = mm(b_wdo * chunk_decay(b_G, m_c, False, False, C) * scale, b_q, IEEE) + b_dkxst
+        tl.store(dkx + x_row[:, None] * K + o_k[None, :], b_dkx, mask=m_ck)
     tl.store(dq + row[:, None] * K + o_k[None, :], cast(b_dq, dq.dtype.element_ty), mask=m_ck)
-    tl.store(dg_acc + row * (L + 1), b_dG, mask=m_c)
+    tl.store(dg_acc + row * 2, b_dG, mask=m_c)
 
 
 @triton.jit
 def extra_key_grad_kernel(
     q, k, kx, d, beta, g_cum, d_states, d_r, do,
-    dkx, dd, dbeta, dg_acc, d_b, chunks, scale,
+    dd, dbeta, d_b, chunks, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr,
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr,
 ):
-    """Key l = 2..L: its output term (M * Q (Kappa^l)^T) W^l, state term (Kappa^l)^T diag(gamma_C/gamma) W^l
-    and right-hand side term -B^l W^l of the triangular solve, W^l = diag(b^l) D^l. The output term's
-    gradient in q is output_state_grad's, which sums it over keys without a partial per key. d_r holds
-    dR = T^T dU, which pseudo_value_grad wrote over dU."""
+    """Key l = 2..L: the gradient dW^l of W^l = diag(b^l) D^l, which enters the output as
+    (M * Q (Kappa^l)^T) W^l, the end state as (Kappa^l)^T diag(gamma_C/gamma) W^l and the triangular
+    solve's right-hand side as -B^l W^l; d_r holds dR = T^T dU."""
     i_c, i_h, l = tl.program_id(0), tl.program_id(1), tl.program_id(2) + 1
     t0, t_end, tok, m_c, row = chunk_rows(chunks, i_c, i_h, H, C)
     o_c = tl.arange(0, C)
     o_k = tl.arange(0, BK)
     m_k = o_k < K
-    m_ck = m_c[:, None] & m_k[None, :]
     x_row = row * (L - 1) + l - 1
     state_off = (i_c.to(tl.int64) * H + i_h) * K * V
     t_last = tl.minimum(t0 + C, t_end) - 1
     strict = o_c[:, None] > o_c[None, :]
 
     b_G = tl.load(g_cum + row, mask=m_c, other=0.0)
-    g_last = tl.load(g_cum + t_last * H + i_h)
-    b_dec = tl.where(m_c, tl.exp(g_last - b_G), 0.0)
-    b_Mt = chunk_decay(b_G, m_c, False, False, C)
+    b_dec = tl.where(m_c, tl.exp(tl.load(g_cum + t_last * H + i_h) - b_G), 0.0)
     b_b1 = tl.load(beta + row * L, mask=m_c, other=0.0).to(tl.float32)
     b_bl = tl.load(beta + row * L + l, mask=m_c, other=0.0).to(tl.float32)
-    b_q = load_rows(q, row * K, m_c, o_k, K)
     b_kx = load_rows(kx, x_row * K, m_c, o_k, K)
     # Held across the value loop as product operands only: in their rounded precision, half the registers.
-    b_plt = operand(b_Mt * mm(b_kx, tl.trans(b_q), IEEE), IEEE)
+    b_plt = operand(chunk_decay(b_G, m_c, False, False, C) * mm(b_kx, tl.trans(load_rows(q, row * K, m_c, o_k, K)),
+                                                                 IEEE), IEEE)
     b_blt = operand(chunk_decay(b_G, m_c, False, True, C) * b_b1[None, :] * mm(
         b_kx, tl.trans(load_rows(k, row * K, m_c, o_k, K)), IEEE), IEEE)
 
-    b_wdo = tl.zeros([C, C], dtype=tl.float32)     # W^l dO^T
     b_dBl = tl.zeros([C, C], dtype=tl.float32)     # dR (W^l)^T
-    b_dkxst = tl.zeros([C, BK], dtype=tl.float32)  # W^l dS^T
     b_dbl = tl.zeros([C], dtype=tl.float32)
     for i_v in range(tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_v = o_v < V
         b_dh = tl.load(d_states + state_off + o_k[:, None] * V + o_v[None, :],
                        mask=m_k[:, None] & m_v[None, :], other=0.0)
-        b_dht = tl.load(d_states + state_off + o_k[None, :] * V + o_v[:, None],
-                        mask=m_k[None, :] & m_v[:, None], other=0.0)
         b_dl = load_rows(d, (row * L + l) * V, m_c, o_v, V).to(tl.float32)
-        b_wl = b_dl * b_bl[:, None]
-        b_do = load_rows(do, row * V, m_c, o_v, V)
         b_dr = load_rows(d_r, row * V, m_c, o_v, V)
-        b_wdo += mm(b_wl, tl.trans(b_do), IEEE)
-        b_dkxst += mm(b_wl, b_dht, IEEE)
-        b_dBl += mm(b_dr, tl.trans(b_wl), IEEE)
-        b_dwl = (scale * mm(b_plt, b_do, IEEE) + b_dec[:, None] * mm(b_kx, b_dh, IEEE)
-                 - mm(b_blt, b_dr, IEEE))
+        b_dBl += mm(b_dr, tl.trans(b_dl * b_bl[:, None]), IEEE)
+        b_dwl = (scale * mm(b_plt, load_rows(do, row * V, m_c, o_v, V), IEEE)
+                 + b_dec[:, None] * mm(b_kx, b_dh, IEEE) - mm(b_blt, b_dr, IEEE))
         b_dbl += tl.sum(b_dwl * b_dl, 1)
         tl.store(dd + (row * L + l)[:, None] * V + o_v[None, :],
                  cast(b_dwl * b_bl[:, None], dd.dtype.element_ty), mask=m_c[:, None] & m_v[None, :])
     tl.store(dbeta + row * L + l, b_dbl, mask=m_c)
     tl.store(d_b + x_row[:, None] * C + o_c[None, :], -tl.where(strict, b_dBl, 0.0), mask=m_c[:, None])
-
-    b_dkxst *= b_dec[:, None]
-    b_z = tl.where(tok == t_last, 0.0, tl.sum(b_dkxst * b_kx.to(tl.float32), 1))
-    b_dG = tl.where(tok == t_last, tl.sum(b_z, 0), 0.0) - b_z
-    b_dkx = mm(b_wdo * b_Mt * scale, b_q, IEEE) + b_dkxst
-    tl.store(dkx + x_row[:, None] * K + o_k[None, :], b_dkx, mask=m_ck)
-    tl.store(dg_acc + row * (L + 1) + l + 1, b_dG, mask=m_c)

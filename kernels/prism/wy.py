@@ -74,8 +74,7 @@ def wy_bwd_kernel(
     b_dk += mm(b_y, b_k, IEEE) + mm(b_yt, b_k, IEEE)
     b_z = b_y * b_kk
     b_dG = tl.sum(b_z, 1) - tl.sum(b_z, 0)
-    for slot in tl.static_range(L + 1):
-        b_dG += tl.load(dg_acc + row * (L + 1) + slot, mask=m_c, other=0.0)
+    b_dG += tl.load(dg_acc + row * 2, mask=m_c, other=0.0) + tl.load(dg_acc + row * 2 + 1, mask=m_c, other=0.0)
     b_db1 = tl.sum(b_dA * b_Ms * b_kk, 1)
 
     for l in tl.static_range(1, L):
