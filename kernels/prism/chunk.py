@@ -27,7 +27,7 @@ import triton
 from .local_grad import extra_key_grad_kernel, output_state_grad_kernel, pseudo_value_grad_kernel
 from .output import output_fwd_kernel
 from .solve import solve_kernel
-from .state import du_local_kernel, extra_write_kernel, state_bwd_kernel, state_fwd_kernel
+from .state import du_local_kernel, state_bwd_kernel, state_fwd_kernel
 from .wy import wy_bwd_kernel, wy_fwd_kernel
 
 CHUNK = 64
@@ -73,7 +73,7 @@ def _meta(q: torch.Tensor, d: torch.Tensor) -> dict:
 
 # Warps per kernel at BK = 128, from per-kernel timings on an H200 (docs/PERFORMANCE.md); the
 # backward's gradient kernels hold several [C, BK] float32 accumulators and want the registers of 8.
-WARPS = dict(solve=1, wy_fwd=4, extra_write=4, state_fwd=4, output=4, du_local=4, state_bwd=8, pseudo_value_grad=4,
+WARPS = dict(solve=1, wy_fwd=4, state_fwd=4, output=4, du_local=4, state_bwd=8, pseudo_value_grad=4,
              output_state_grad=8, extra_key_grad=8, wy_bwd=4, wy_bwd_extra_keys=8)
 # Kernels whose largest tiles are the chunk's [C, C] float32 matrices, which do not shrink with K.
 SQUARE_TILED = ("solve", "pseudo_value_grad", "wy_bwd", "wy_bwd_extra_keys")
@@ -84,11 +84,17 @@ def _warps(kernel: str, m: dict) -> int:
     return WARPS[kernel] // 2 if m["BK"] <= 64 and kernel not in SQUARE_TILED else WARPS[kernel]
 
 
-def _stages(stage_bytes: int, resident_bytes: int = 0) -> int:
+def _stages(stage_bytes: int, resident_bytes: int = 0, deepest: int = 2) -> int:
     """Software-pipelining depth of a kernel's loop over chunks (state scans) or value blocks whose every
-    iteration loads stage_bytes of tiles, next to resident_bytes of tiles loaded once: two stages where two
-    fit in Hopper's 227 KiB of shared memory with room to spare, else one."""
-    return 2 if resident_bytes + 2 * stage_bytes <= 210 * 1024 else 1
+    iteration loads stage_bytes of tiles, next to resident_bytes of tiles loaded once: the most stages, up
+    to deepest, that fit in Hopper's 227 KiB of shared memory with room to spare."""
+    fits = [n for n in range(2, deepest + 1) if resident_bytes + n * stage_bytes <= 210 * 1024]
+    return max(fits, default=1)
+
+
+# The chunk-local gradient kernels' loops over value blocks ran faster with 3 stages (Triton's default)
+# than with 2 at K = 128 on the H200 (docs/PERFORMANCE.md).
+LOCAL_STAGES = 3
 
 
 def _tile_bytes(m: dict, key: int = 0, value: int = 0, state: int = 0, square: int = 0) -> int:
@@ -129,21 +135,14 @@ def _chunk_states(k, d, kx, beta, g_cum, t_mat, initial_state, layout, output_fi
     wy_stage = _tile_bytes(m_wy, key=L + 1, value=L) + 4 * CHUNK * m_wy["BV"]
     wy_fwd_kernel[(layout.num_chunks, H)](k, kx, d, beta, g_cum, t_mat, w, u_tilde, layout.chunks, H=H, C=CHUNK,
                                           num_warps=_warps("wy_fwd", m), num_stages=_stages(wy_stage), **m_wy)
-    grid_v = triton.cdiv(V, m["BV"])
-    writes = None
-    if L > 1:
-        writes = torch.empty(layout.num_chunks, H, K, V, dtype=torch.float32, device=k.device)
-        extra_write_kernel[(layout.num_chunks, H, grid_v)](kx, d, beta, g_cum, writes, layout.chunks, H=H, C=CHUNK,
-                                                            num_warps=_warps("extra_write", m), **m)
     states = torch.empty(layout.num_chunks, H, K, V, dtype=k.dtype, device=k.device)
     u = torch.empty(TT, H, V, dtype=k.dtype, device=k.device)
     final = torch.empty(layout.num_seqs, H, K, V, dtype=torch.float32, device=k.device) if output_final_state else None
-    # Per chunk: k, w, U~ and the extra keys' [BK, BV] float32 term.
-    scan_stage = _tile_bytes(m, key=2, value=1) + 4 * m["BK"] * m["BV"]
-    state_fwd_kernel[(layout.num_seqs, H, grid_v)](
-        k, g_cum, w, u_tilde, states if writes is None else writes, initial_state, states, u, final,
-        layout.cu_seqlens, layout.chunk_offsets, H=H, C=CHUNK, HAS_H0=initial_state is not None,
-        STORE_FINAL=output_final_state, num_warps=_warps("state_fwd", m), num_stages=_stages(scan_stage), **m)
+    # Per chunk: k, w and the extra keys; U~ and the L - 1 extra directions.
+    state_fwd_kernel[(layout.num_seqs, H, triton.cdiv(V, m["BV"]))](
+        k, kx, d, beta, g_cum, w, u_tilde, initial_state, states, u, final, layout.cu_seqlens, layout.chunk_offsets,
+        H=H, C=CHUNK, HAS_H0=initial_state is not None, STORE_FINAL=output_final_state,
+        num_warps=_warps("state_fwd", m), num_stages=_stages(_tile_bytes(m, key=L + 1, value=L)), **m)
     return w, u_tilde, states, u, final
 
 
@@ -204,16 +203,17 @@ class ChunkPrismFunction(torch.autograd.Function):
         pseudo_value_grad_kernel[grid](
             k, d, beta, g_cum, t_mat, w, u_tilde, states, du, dk_acc, dd, dbeta_acc, dg_acc, d_a, layout.chunks,
             H=H, C=CHUNK, num_warps=_warps("pseudo_value_grad", m),
-            num_stages=_stages(_tile_bytes(m, value=3, state=1), _tile_bytes(m, key=2, square=1)), **m)
+            num_stages=_stages(_tile_bytes(m, value=3, state=1), _tile_bytes(m, key=2, square=1), LOCAL_STAGES), **m)
         output_state_grad_kernel[grid](
             q, k, kx_arg, d, beta, g_cum, states, u, d_states, do, dq, dk_acc, dkx_acc, dg_acc, layout.chunks, scale,
             H=H, C=CHUNK, num_warps=_warps("output_state_grad", m),
-            num_stages=_stages(_tile_bytes(m, value=2, state=2), _tile_bytes(m, key=3)), **m)
+            num_stages=_stages(_tile_bytes(m, value=2, state=2), _tile_bytes(m, key=3), LOCAL_STAGES), **m)
         if L > 1:
             extra_key_grad_kernel[(layout.num_chunks, H, L - 1)](
                 q, k, kx, d, beta, g_cum, d_states, du, do, dd, dbeta_acc, d_b, layout.chunks, scale, H=H, C=CHUNK,
                 num_warps=_warps("extra_key_grad", m),
-                num_stages=_stages(_tile_bytes(m, value=3, state=1), _tile_bytes(m, key=1, square=2)), **m)
+                num_stages=_stages(_tile_bytes(m, value=3, state=1), _tile_bytes(m, key=1, square=2), LOCAL_STAGES),
+                **m)
         del w, u_tilde, states, u, d_states, du  # lowers the peak: the outputs below can take their memory
         dk, dbeta = torch.empty_like(k), torch.empty_like(beta)
         dkx = torch.empty_like(kx) if kx is not None else dk

@@ -2,9 +2,10 @@
 (sequence, head, block of value columns); the state's value columns evolve independently.
 
 Forward, chunk by chunk: store S_0, then U = U~ - W^ S_0 and
-S_C = gamma_C S_0 + K^T diag(gamma_C/gamma) U + E, where the extra keys' term
-E = sum_l (Kappa^l)^T diag(gamma_C/gamma) b^l D^l does not depend on the state: extra_write_kernel
-forms it for every chunk in parallel, which leaves the sequential scan one load per chunk for it.
+S_C = gamma_C S_0 + K^T diag(gamma_C/gamma) U + sum_l (Kappa^l)^T diag(gamma_C/gamma) b^l D^l.
+(The extra keys' term does not depend on the state, but forming it in a parallel kernel and reading
+it back as a float32 [K, V] tile per chunk measured slower on the H200 than these L - 1 products,
+whose loads the pipeliner issues ahead: docs/PERFORMANCE.md.)
 
 Backward, last chunk first, with dS = dL/dS_C: store dS, then the total pseudo-value gradient
 dU = dU_local + diag(gamma_C/gamma) K dS, and dS_0 = gamma_C dS + scale (diag(gamma) Q)^T dO - W^T dU.
@@ -19,32 +20,8 @@ from .tiles import cast, chunk_decay, chunk_rows, load_rows, mm, sequence_chunks
 
 
 @triton.jit
-def extra_write_kernel(
-    kx, d, beta, g_cum, writes, chunks,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr,
-    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr,
-):
-    """E (float32) per chunk, head and block of value columns, for L > 1."""
-    i_c, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    t0, t_end, tok, m_c, row = chunk_rows(chunks, i_c, i_h, H, C)
-    o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    b_G = tl.load(g_cum + row, mask=m_c, other=0.0)
-    g_last = tl.load(g_cum + (tl.minimum(t0 + C, t_end) - 1) * H + i_h)
-    b_dec = tl.where(m_c, tl.exp(g_last - b_G), 0.0)
-    b_e = tl.zeros([BK, BV], dtype=tl.float32)
-    for l in tl.static_range(1, L):
-        b_kx = load_rows(kx, (row * (L - 1) + l - 1) * K, m_c, o_k, K)
-        b_bl = tl.load(beta + row * L + l, mask=m_c, other=0.0).to(tl.float32)
-        b_wl = load_rows(d, (row * L + l) * V, m_c, o_v, V) * (b_bl * b_dec)[:, None]
-        b_e += mm(tl.trans(b_kx), b_wl, IEEE)
-    kv, m_kv = state_tile(i_v, K, V, BK, BV)
-    tl.store(writes + (i_c.to(tl.int64) * H + i_h) * K * V + kv, b_e, mask=m_kv)
-
-
-@triton.jit
 def state_fwd_kernel(
-    k, g_cum, w, u_tilde, writes, h0, states, u, ht, cu_seqlens, chunk_offsets,
+    k, kx, d, beta, g_cum, w, u_tilde, h0, states, u, ht, cu_seqlens, chunk_offsets,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr,
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr, IEEE: tl.constexpr,
@@ -65,8 +42,7 @@ def state_fwd_kernel(
         tok = t0 + o_c
         m_c = tok < eos
         row = tok * H + i_h
-        state_off = ((c0 + i) * H + i_h) * K * V
-        tl.store(states + state_off + kv, cast(b_h, states.dtype.element_ty), mask=m_kv)
+        tl.store(states + ((c0 + i) * H + i_h) * K * V + kv, cast(b_h, states.dtype.element_ty), mask=m_kv)
 
         b_w = load_rows(w, row * K, m_c, o_k, K)
         b_u = load_rows(u_tilde, row * V, m_c, o_v, V) - mm(b_w, b_h, IEEE)
@@ -78,8 +54,11 @@ def state_fwd_kernel(
         b_dec = tl.where(m_c, tl.exp(g_last - b_G), 0.0)
         b_k = load_rows(k, row * K, m_c, o_k, K)
         b_h = b_h * tl.exp(g_last) + mm(tl.trans(b_k), b_u * b_dec[:, None], IEEE)
-        if L > 1:
-            b_h += tl.load(writes + state_off + kv, mask=m_kv, other=0.0)
+        for l in tl.static_range(1, L):
+            b_kx = load_rows(kx, (row * (L - 1) + l - 1) * K, m_c, o_k, K)
+            b_bl = tl.load(beta + row * L + l, mask=m_c, other=0.0).to(tl.float32)
+            b_wl = load_rows(d, (row * L + l) * V, m_c, o_v, V) * (b_bl * b_dec)[:, None]
+            b_h += mm(tl.trans(b_kx), b_wl, IEEE)
     if STORE_FINAL:
         tl.store(ht + (i_n * H + i_h).to(tl.int64) * K * V + kv, b_h, mask=m_kv)
 
