@@ -92,9 +92,11 @@ def _stages(stage_bytes: int, resident_bytes: int = 0, deepest: int = 2) -> int:
     return max(fits, default=1)
 
 
-# The chunk-local gradient kernels' loops over value blocks ran faster with 3 stages (Triton's default)
-# than with 2 at K = 128 on the H200 (docs/PERFORMANCE.md).
-LOCAL_STAGES = 3
+def _local_stages(m: dict, stage_bytes: int, resident_bytes: int) -> int:
+    """_stages for the chunk-local gradient kernels' loops over value blocks: up to 3 (Triton's default),
+    which ran faster than 2 with 16-bit inputs at K = 128 on the H200 (docs/PERFORMANCE.md); up to 2 for
+    float32 ones, whose tiles come closest to the shared-memory limit."""
+    return _stages(stage_bytes, resident_bytes, 2 if m["IEEE"] else 3)
 
 
 def _tile_bytes(m: dict, key: int = 0, value: int = 0, state: int = 0, square: int = 0) -> int:
@@ -203,17 +205,16 @@ class ChunkPrismFunction(torch.autograd.Function):
         pseudo_value_grad_kernel[grid](
             k, d, beta, g_cum, t_mat, w, u_tilde, states, du, dk_acc, dd, dbeta_acc, dg_acc, d_a, layout.chunks,
             H=H, C=CHUNK, num_warps=_warps("pseudo_value_grad", m),
-            num_stages=_stages(_tile_bytes(m, value=3, state=1), _tile_bytes(m, key=2, square=1), LOCAL_STAGES), **m)
+            num_stages=_local_stages(m, _tile_bytes(m, value=3, state=1), _tile_bytes(m, key=2, square=1)), **m)
         output_state_grad_kernel[grid](
             q, k, kx_arg, d, beta, g_cum, states, u, d_states, do, dq, dk_acc, dkx_acc, dg_acc, layout.chunks, scale,
             H=H, C=CHUNK, num_warps=_warps("output_state_grad", m),
-            num_stages=_stages(_tile_bytes(m, value=2, state=2), _tile_bytes(m, key=3), LOCAL_STAGES), **m)
+            num_stages=_local_stages(m, _tile_bytes(m, value=2, state=2), _tile_bytes(m, key=3)), **m)
         if L > 1:
             extra_key_grad_kernel[(layout.num_chunks, H, L - 1)](
                 q, k, kx, d, beta, g_cum, d_states, du, do, dd, dbeta_acc, d_b, layout.chunks, scale, H=H, C=CHUNK,
                 num_warps=_warps("extra_key_grad", m),
-                num_stages=_stages(_tile_bytes(m, value=3, state=1), _tile_bytes(m, key=1, square=2), LOCAL_STAGES),
-                **m)
+                num_stages=_local_stages(m, _tile_bytes(m, value=3, state=1), _tile_bytes(m, key=1, square=2)), **m)
         del w, u_tilde, states, u, d_states, du  # lowers the peak: the outputs below can take their memory
         dk, dbeta = torch.empty_like(k), torch.empty_like(beta)
         dkx = torch.empty_like(kx) if kx is not None else dk
