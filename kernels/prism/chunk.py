@@ -133,7 +133,7 @@ def _chunk_states(k, d, kx, beta, g_cum, t_mat, initial_state, layout, output_fi
     L = m["L"]
     # wy_fwd forms the extra keys' kernel matrices B^l once per value block.
     m_wy = _wide_values(m)
-    # Per value block: k, the extra keys and the L directions, and U~ in float32; one key tile to spare.
+    # Per value block: the extra keys and the L directions, plus k and the float32 right-hand side.
     wy_stage = _tile_bytes(m_wy, key=L + 1, value=L) + 4 * CHUNK * m_wy["BV"]
     wy_fwd_kernel[(layout.num_chunks, H)](k, kx, d, beta, g_cum, t_mat, w, u_tilde, layout.chunks, H=H, C=CHUNK,
                                           num_warps=_warps("wy_fwd", m), num_stages=_stages(wy_stage), **m_wy)
@@ -179,8 +179,8 @@ class ChunkPrismFunction(torch.autograd.Function):
         do = do.contiguous()
         d_states = torch.empty(states.shape, dtype=q.dtype, device=q.device)
         du_local = torch.empty(TT, H, V, **f32)
-        m_du = {key: m[key] for key in ("K", "V", "BK", "BV", "IEEE")}
-        m_wide = _wide_values(m_du)
+        m_no_l = {key: m[key] for key in ("K", "V", "BK", "BV", "IEEE")}  # du_local and the scan take no L
+        m_wide = _wide_values(m_no_l)
         du_local_kernel[(layout.num_chunks, H, triton.cdiv(V, m_wide["BV"]))](
             q, k, g_cum, do, du_local, layout.chunks, scale, H=H, C=CHUNK, num_warps=_warps("du_local", m), **m_wide)
         du = torch.empty(TT, H, V, dtype=q.dtype, device=q.device)
@@ -188,7 +188,7 @@ class ChunkPrismFunction(torch.autograd.Function):
         state_bwd_kernel[(layout.num_seqs, H, triton.cdiv(V, m["BV"]))](
             q, k, w, g_cum, do, du_local, dht, dh0, d_states, du, layout.cu_seqlens, layout.chunk_offsets, scale,
             H=H, C=CHUNK, HAS_DHT=dht is not None, HAS_H0=initial_state is not None, num_warps=_warps("state_bwd", m),
-            num_stages=_stages(_tile_bytes(m, key=3, value=3)), **m_du)
+            num_stages=_stages(_tile_bytes(m, key=3, value=3)), **m_no_l)
         del du_local  # float32, but gone before the gradient buffers below are made
 
         # dq is final after output_state_grad; the other gradients stay float32 partials until wy_bwd.
