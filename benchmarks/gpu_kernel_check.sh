@@ -8,7 +8,8 @@
 #
 # Needs the wheels of shared/device/fetch-wheels.sh in .whl/ (fla-core among them). Time limits in
 # seconds: TEST_SECONDS (default 400; the float32 cases at K = 128 and 256 compile for minutes) and
-# BENCH_SECONDS (default 540); JOBS (default 6) parallel test processes. The device tool gives one
+# BENCH_SECONDS (default 540); JOBS (default 12: the H200 machine has 16 cores, and 6 left one
+# process at 340 s while others idled) parallel test processes. The device tool gives one
 # command 10 minutes: run tests and bench apart, tests first on a warm machine.
 #
 # fla's kernels autotune on their first call, compiling dozens of configurations (minutes per
@@ -46,7 +47,7 @@ if [ "$what" != bench ]; then
             > "$out/fla_compile_$shape.log" 2>&1 &
     done
     python3 -m pytest --collect-only -q -p no:cacheprovider tests/test_prism_triton.py | grep :: > test_ids
-    split -n "r/${JOBS:-6}" test_ids part_
+    split -n "r/${JOBS:-12}" test_ids part_
     for part in part_*; do
         # shellcheck disable=SC2046  # one test id per word
         timeout "${TEST_SECONDS:-400}" python3 -m pytest -q -p no:cacheprovider -rfE $(cat "$part") \
