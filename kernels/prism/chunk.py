@@ -63,7 +63,9 @@ def _fixed_length_layout(B: int, T: int, device: torch.device) -> ChunkLayout:
 def _meta(q: torch.Tensor, d: torch.Tensor) -> dict:
     """Block sizes: whole key rows (BK), value columns in blocks of BV: 64 for 16-bit inputs, 16 for
     float32 ones, whose tiles take twice the shared memory. (16-bit blocks of 32 value columns hit an
-    illegal memory access on the H200 under Triton 3.6, not understood yet: see docs/PERFORMANCE.md.)"""
+    illegal memory access on the H200 under Triton 3.6, though they compute correctly under the
+    interpreter: most likely Triton's Hopper wgmma fault with 32-wide dot operands, triton-lang/triton
+    #10573 and #11366, which do not occur on 3.5.)"""
     K, L, V = q.shape[-1], d.shape[-2], d.shape[-1]
     BK = max(16, triton.next_power_of_2(K))
     ieee = q.dtype == torch.float32
