@@ -160,9 +160,11 @@ class ChunkPrismFunction(torch.autograd.Function):
         _, _, states, u, final = _chunk_states(k, d, kx_arg, beta, g_cum, t_mat, initial_state, layout,
                                                output_final_state)
         o = torch.empty(TT, H, m["V"], dtype=q.dtype, device=q.device)
-        output_fwd_kernel[(layout.num_chunks, H, triton.cdiv(m["V"], m["BV"]))](
+        # Q K^T and the Q (Kappa^l)^T are formed once per value block.
+        m_out = _wide_values(m)
+        output_fwd_kernel[(layout.num_chunks, H, triton.cdiv(m["V"], m_out["BV"]))](
             q, k, kx_arg, d, beta, g_cum, states, u, o, layout.chunks, scale, H=H, C=CHUNK,
-            num_warps=_warps("output", m), **m)
+            num_warps=_warps("output", m), **m_out)
         ctx.save_for_backward(q, k, d, kx, beta, initial_state, g_cum, t_mat)
         ctx.scale, ctx.layout, ctx.g_dtype = scale, layout, g.dtype
         return o, final
