@@ -5,6 +5,10 @@
 # written under OUT_DIR as it happens, so a run cut short keeps what it finished.
 #
 #   bash benchmarks/gpu_kernel_check.sh OUT_DIR tests|bench|all [prism_kernel.py arguments]
+#   bash benchmarks/gpu_kernel_check.sh OUT_DIR sweep "VARIANT ARGUMENTS" ["VARIANT ARGUMENTS" ...]
+#
+# `sweep` times each variant (prism_kernel.py arguments, e.g. "--shapes 2 --L 3 --warps wy_fwd=8") in a
+# process of its own, without the DPLR baseline, so that a variant that faults costs only its own row.
 #
 # Needs the wheels of shared/device/fetch-wheels.sh in .whl/ (fla-core among them). Time limits in
 # seconds: TEST_SECONDS (default 400; the float32 cases at K = 128 and 256 compile for minutes) and
@@ -20,11 +24,11 @@
 # choices in TRITON_CACHE_DIR too, and packs them into OUT_DIR/triton_autotune.tar, to unpack into
 # .triton_cache for a later machine.
 set -u
-usage="usage: bash benchmarks/gpu_kernel_check.sh OUT_DIR tests|bench|all [prism_kernel.py arguments]"
+usage="usage: bash benchmarks/gpu_kernel_check.sh OUT_DIR tests|bench|all [prism_kernel.py arguments] | sweep VARIANT..."
 out=${1:?$usage}
 what=${2:?$usage}
 shift 2
-case "$what" in tests|bench|all) ;; *) echo "$usage" >&2; exit 2 ;; esac
+case "$what" in tests|bench|all|sweep) ;; *) echo "$usage" >&2; exit 2 ;; esac
 root=$(cd "$(dirname "$0")/.." && pwd)
 out=$(mkdir -p "$out" && cd "$out" && pwd)
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -40,6 +44,19 @@ cp -r "$root/tests" "$root/benchmarks" "$pkg/"
 export PYTHONPATH="$pkg:/tmp/prism_site${PYTHONPATH:+:$PYTHONPATH}"
 cd "$pkg" || exit 1
 
+if [ "$what" = sweep ]; then
+    i=0
+    for variant in "$@"; do
+        i=$((i + 1))
+        # shellcheck disable=SC2086  # a variant is a list of arguments
+        TRITON_CACHE_AUTOTUNING=1 timeout "${BENCH_SECONDS:-540}" python3 benchmarks/prism_kernel.py --no-dplr \
+            --out "$out/sweep_$i.md" $variant > "$out/sweep_$i.log" 2>&1 || echo "variant $i failed: see sweep_$i.log"
+        echo "variant $i: $variant"
+        grep -h -v -E "^(Device|PRISM warps|\| shape|\| ---)" "$out/sweep_$i.md"
+    done
+    exit 0
+fi
+
 if [ "$what" != bench ]; then
     # The K = 128 shapes share fla's compiled kernels, so the first and last benchmark shapes cover them.
     for shape in 0 2; do
@@ -50,13 +67,18 @@ if [ "$what" != bench ]; then
     split -n "r/${JOBS:-12}" test_ids part_
     for part in part_*; do
         # shellcheck disable=SC2046  # one test id per word
+        cp "$part" "$out/tests_$part.txt"
         timeout "${TEST_SECONDS:-400}" python3 -m pytest -q -p no:cacheprovider -rfE $(cat "$part") \
-            > "$out/tests_$part.txt" 2>&1 &
+            >> "$out/tests_$part.txt" 2>&1 &
     done
     wait
-    echo "tests (one file per process in $out):"
+    echo "tests (one file per process, packed into $out/tests.tar):"
     grep -h -E "passed|failed|^FAILED|^ERROR" "$out"/tests_part_*.txt
-    grep -L -E "passed|failed" "$out"/tests_part_*.txt | sed 's/$/: cut short by TEST_SECONDS/'
+    for part in $(grep -L -E "passed|failed" "$out"/tests_part_*.txt); do
+        echo "cut short by TEST_SECONDS: $(grep :: "$part" | tr '\n' ' ')"
+    done
+    # The device tool returns a limited number of files.
+    (cd "$out" && tar -cf tests.tar tests_part_*.txt fla_compile_*.log && rm tests_part_*.txt fla_compile_*.log)
 fi
 
 if [ "$what" != tests ]; then

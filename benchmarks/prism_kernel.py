@@ -128,7 +128,7 @@ def main():
                         help=f"indices into {SHAPES} (B, T, H, K=V)")
     parser.add_argument("--no-dplr", action="store_true", help="skip the expanded DPLR baseline")
     parser.add_argument("--breakdown", action="store_true",
-                        help="also print CUDA time per kernel of Gated DeltaNet and of each PRISM L at the first shape")
+                        help="also print CUDA time per kernel of Gated DeltaNet and of each PRISM L at each shape")
     parser.add_argument("--warps", nargs="+", default=[], metavar="KERNEL=N",
                         help="override the warps of a PRISM kernel (at K=128; half at K<=64), one of "
                         f"{sorted(prism_chunk.WARPS)}")
@@ -169,11 +169,10 @@ def main():
     for run in runs:
         time_row(run, bases, emit)
     if args.breakdown:
-        B, T, H, D = SHAPES[args.shapes[0]]
         for i_shape, name, make_inputs, make_call in runs:
-            if i_shape == args.shapes[0]:
-                emit(f"{name} at B={B} T={T} H={H} K=V={D}, CUDA ms per forward+backward by kernel: "
-                     + ", ".join(f"{k} {ms:.3f}" for k, ms in kernel_breakdown(make_inputs, make_call)))
+            B, T, H, D = SHAPES[i_shape]
+            emit(f"{name} at B={B} T={T} H={H} K=V={D}, CUDA ms per forward+backward by kernel: "
+                 + ", ".join(f"{k} {ms:.3f}" for k, ms in kernel_breakdown(make_inputs, make_call)))
     # The expanded DPLR baseline autotunes for minutes per shape, so it comes last.
     if not args.no_dplr:
         for i_shape in args.shapes:

@@ -62,10 +62,11 @@ def _fixed_length_layout(B: int, T: int, device: torch.device) -> ChunkLayout:
 
 def _meta(q: torch.Tensor, d: torch.Tensor) -> dict:
     """Block sizes: whole key rows (BK), value columns in blocks of BV: 64 for 16-bit inputs, 16 for
-    float32 ones, whose tiles take twice the shared memory. (16-bit blocks of 32 value columns hit an
-    illegal memory access on the H200 under Triton 3.6, though they compute correctly under the
-    interpreter: most likely Triton's Hopper wgmma fault with 32-wide dot operands, triton-lang/triton
-    #10573 and #11366, which do not occur on 3.5.)"""
+    float32 ones, whose tiles take twice the shared memory. (16-bit blocks of 32 value columns in every
+    kernel hit an illegal memory access on the H200 under Triton 3.6, though they compute correctly under
+    the interpreter: most likely Triton's Hopper wgmma fault with 32-wide dot operands, triton-lang/triton
+    #10573 and #11366, which do not occur on 3.5. The state scans alone run and pass the GPU tests with
+    32: _scan_values.)"""
     K, L, V = q.shape[-1], d.shape[-2], d.shape[-1]
     BK = max(16, triton.next_power_of_2(K))
     ieee = q.dtype == torch.float32
@@ -77,8 +78,9 @@ def _meta(q: torch.Tensor, d: torch.Tensor) -> dict:
 # backward's gradient kernels hold several [C, BK] float32 accumulators and want the registers of 8.
 WARPS = dict(solve=1, wy_fwd=4, state_fwd=4, output=4, du_local=4, state_bwd=8, pseudo_value_grad=4,
              output_state_grad=8, extra_key_grad=8, wy_bwd=4, wy_bwd_extra_keys=8)
-# Kernels whose largest tiles are the chunk's [C, C] float32 matrices, which do not shrink with K.
-SQUARE_TILED = ("solve", "pseudo_value_grad", "wy_bwd", "wy_bwd_extra_keys")
+# Kernels whose largest tiles are the chunk's [C, C] float32 matrices, which do not shrink with K. (Halving
+# wy_fwd's and output's warps at K = V = 64 made them 0.3 ms slower at B=8 T=2048 H=32 L=3 on the H200.)
+SQUARE_TILED = ("solve", "wy_fwd", "output", "pseudo_value_grad", "wy_bwd", "wy_bwd_extra_keys")
 
 
 def _warps(kernel: str, m: dict) -> int:
@@ -105,6 +107,23 @@ def _tile_bytes(m: dict, key: int = 0, value: int = 0, state: int = 0, square: i
     """Bytes of tiles in the input dtype: key [C, BK], value [C, BV], state [BK, BV] and square [C, C] ones."""
     size = 4 if m["IEEE"] else 2
     return size * (CHUNK * (key * m["BK"] + value * m["BV"] + square * CHUNK) + state * m["BK"] * m["BV"])
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def _scan_values(m: dict, num_seqs: int, H: int, device: torch.device) -> dict:
+    """m with value blocks of 32 columns for 16-bit inputs where the state scans would otherwise run fewer
+    programs than the GPU has multiprocessors (long single sequences): the scans are sequential over
+    chunks, so their time is the chunk count times one step's latency, and more programs share it out
+    (at B=1 T=32768 H=16 K=V=128 on the H200: forward+backward 12.1 to 11.6 ms at L=3, 6.3 to 5.8 at L=1).
+    With many programs the scans keep 64 columns; 32 there is untimed (fla's reverse scan autotunes to 32
+    at B=8 T=2048)."""
+    if m["IEEE"] or num_seqs * H * triton.cdiv(m["V"], m["BV"]) >= _multiprocessors(device):
+        return m
+    return dict(m, BV=min(m["BV"], 32))
 
 
 def _wide_values(m: dict) -> dict:
@@ -143,10 +162,11 @@ def _chunk_states(k, d, kx, beta, g_cum, t_mat, initial_state, layout, output_fi
     u = torch.empty(TT, H, V, dtype=k.dtype, device=k.device)
     final = torch.empty(layout.num_seqs, H, K, V, dtype=torch.float32, device=k.device) if output_final_state else None
     # Per chunk: k, w and the extra keys; U~ and the L - 1 extra directions.
-    state_fwd_kernel[(layout.num_seqs, H, triton.cdiv(V, m["BV"]))](
+    m_scan = _scan_values(m, layout.num_seqs, H, k.device)
+    state_fwd_kernel[(layout.num_seqs, H, triton.cdiv(V, m_scan["BV"]))](
         k, kx, d, beta, g_cum, w, u_tilde, initial_state, states, u, final, layout.cu_seqlens, layout.chunk_offsets,
         H=H, C=CHUNK, HAS_H0=initial_state is not None, STORE_FINAL=output_final_state,
-        num_warps=_warps("state_fwd", m), num_stages=_stages(_tile_bytes(m, key=L + 1, value=L)), **m)
+        num_warps=_warps("state_fwd", m), num_stages=_stages(_tile_bytes(m_scan, key=L + 1, value=L)), **m_scan)
     return w, u_tilde, states, u, final
 
 
@@ -189,10 +209,11 @@ class ChunkPrismFunction(torch.autograd.Function):
             q, k, g_cum, do, du_local, layout.chunks, scale, H=H, C=CHUNK, num_warps=_warps("du_local", m), **m_wide)
         du = torch.empty(TT, H, V, dtype=q.dtype, device=q.device)
         dh0 = torch.empty(layout.num_seqs, H, K, V, **f32) if initial_state is not None else None
-        state_bwd_kernel[(layout.num_seqs, H, triton.cdiv(V, m["BV"]))](
+        m_scan = _scan_values(m_no_l, layout.num_seqs, H, q.device)
+        state_bwd_kernel[(layout.num_seqs, H, triton.cdiv(V, m_scan["BV"]))](
             q, k, w, g_cum, do, du_local, dht, dh0, d_states, du, layout.cu_seqlens, layout.chunk_offsets, scale,
             H=H, C=CHUNK, HAS_DHT=dht is not None, HAS_H0=initial_state is not None, num_warps=_warps("state_bwd", m),
-            num_stages=_stages(_tile_bytes(m, key=3, value=3)), **m_no_l)
+            num_stages=_stages(_tile_bytes(m_scan, key=3, value=3)), **m_scan)
         del du_local  # float32, but gone before the gradient buffers below are made
 
         # dq is final after output_state_grad; the other gradients stay float32 partials until wy_bwd.
