@@ -2,10 +2,14 @@
 
 The forward runs four kernels (PRISM.md section 4): solve.py (decay cumsum G and the triangular
 inverse T), wy.py (WY vectors W^ and pseudo-values U~), state.py (the inter-chunk state scan, which
-also forms U = U~ - W^ S_0) and output.py. G and T are kept for the backward, which recomputes W^,
-U~ and the states from them (cheaper than storing the states), runs the reverse state scan, then
-the chunk-local gradients (local_grad.py: through the pseudo-values, through the output and end
-state, and the extra keys') and the gradients through the triangular system's matrices (wy.py).
+also forms U = U~ - W^ S_0) and output.py. The backward takes G, T, W^, U~, the chunk states and U
+from the forward, runs the reverse state scan, then the chunk-local gradients (local_grad.py: through
+the pseudo-values, through the output and end state, and the extra keys') and the gradients through
+the triangular system's matrices (wy.py). Keeping W^, U~, the states and U costs 640 bf16 values per
+token and head at K = V = 128 (the inputs take 896 at L = 3); recomputing them, as fla does for Gated
+DeltaNet, re-ran the sequential scan and cost 1.9 of 11.6 ms per forward+backward on one 32768-token
+sequence (docs/PERFORMANCE.md). They are saved with save_for_backward, so activation checkpointing
+that works through saved-tensor hooks (torch.utils.checkpoint) sees them too.
 
 For 16-bit inputs, products take bfloat16 operands and intermediates are kept in the input dtype, as
 in fla's Gated DeltaNet kernels; the triangular inverse's block merges take TF32 operands; decays, the
@@ -177,27 +181,26 @@ class ChunkPrismFunction(torch.autograd.Function):
         m = _meta(q, d)
         kx_arg = k if kx is None else kx
         g_cum, t_mat = _solve(k, beta, g, layout)
-        _, _, states, u, final = _chunk_states(k, d, kx_arg, beta, g_cum, t_mat, initial_state, layout,
-                                               output_final_state)
+        w, u_tilde, states, u, final = _chunk_states(k, d, kx_arg, beta, g_cum, t_mat, initial_state, layout,
+                                                     output_final_state)
         o = torch.empty(TT, H, m["V"], dtype=q.dtype, device=q.device)
         # Q K^T and the Q (Kappa^l)^T are formed once per value block.
         m_out = _wide_values(m)
         output_fwd_kernel[(layout.num_chunks, H, triton.cdiv(m["V"], m_out["BV"]))](
             q, k, kx_arg, d, beta, g_cum, states, u, o, layout.chunks, scale, H=H, C=CHUNK,
             num_warps=_warps("output", m), **m_out)
-        ctx.save_for_backward(q, k, d, kx, beta, initial_state, g_cum, t_mat)
+        ctx.save_for_backward(q, k, d, kx, beta, initial_state, g_cum, t_mat, w, u_tilde, states, u)
         ctx.scale, ctx.layout, ctx.g_dtype = scale, layout, g.dtype
         return o, final
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, d, kx, beta, initial_state, g_cum, t_mat = ctx.saved_tensors
+        q, k, d, kx, beta, initial_state, g_cum, t_mat, w, u_tilde, states, u = ctx.saved_tensors
         scale, layout = ctx.scale, ctx.layout
         TT, H, K = q.shape
         m = _meta(q, d)
         V, L = m["V"], m["L"]
         kx_arg = k if kx is None else kx
-        w, u_tilde, states, u, _ = _chunk_states(k, d, kx_arg, beta, g_cum, t_mat, initial_state, layout, False)
 
         f32 = dict(dtype=torch.float32, device=q.device)
         do = do.contiguous()
@@ -240,7 +243,7 @@ class ChunkPrismFunction(torch.autograd.Function):
                 q, k, kx, d, beta, g_cum, d_states, du, do, dd, dbeta_acc, d_b, layout.chunks, scale, H=H, C=CHUNK,
                 num_warps=_warps("extra_key_grad", m),
                 num_stages=_local_stages(m, _tile_bytes(m, value=3, state=1), _tile_bytes(m, key=1, square=2)), **m)
-        del w, u_tilde, states, u, d_states, du  # lowers the peak: the outputs below can take their memory
+        del d_states, du  # lowers the peak: the outputs below can take their memory
         dk, dbeta = torch.empty_like(k), torch.empty_like(beta)
         dkx = torch.empty_like(kx) if kx is not None else dk
         dg = torch.empty(TT, H, dtype=ctx.g_dtype, device=q.device)
