@@ -13,8 +13,10 @@
 # Needs the wheels of shared/device/fetch-wheels.sh in .whl/ (fla-core among them). Time limits in
 # seconds: TEST_SECONDS (default 400; the float32 cases at K = 128 and 256 compile for minutes) and
 # BENCH_SECONDS (default 540); JOBS (default 12: the H200 machine has 16 cores, and 6 left one
-# process at 340 s while others idled) parallel test processes. The device tool gives one
-# command 10 minutes: run tests and bench apart, tests first on a warm machine.
+# process at 340 s while others idled) parallel test processes; TESTS_K, a pytest -k expression,
+# runs only the tests it selects (TESTS_K="float32-2-256" TEST_SECONDS=560 for the slowest to
+# compile). The device tool gives one command 10 minutes: `all` fits in one with TEST_SECONDS=280
+# and BENCH_SECONDS=230, and the slowest test then needs a call of its own.
 #
 # fla's kernels autotune on their first call, compiling dozens of configurations (minutes per
 # shape). Compiled kernels are kept in TRITON_CACHE_DIR (default: .triton_cache in the checkout,
@@ -63,7 +65,8 @@ if [ "$what" != bench ]; then
         timeout "${TEST_SECONDS:-400}" python3 benchmarks/prism_kernel.py --shapes "$shape" --L 1 \
             > "$out/fla_compile_$shape.log" 2>&1 &
     done
-    python3 -m pytest --collect-only -q -p no:cacheprovider tests/test_prism_triton.py | grep :: > test_ids
+    python3 -m pytest --collect-only -q -p no:cacheprovider tests/test_prism_triton.py ${TESTS_K:+-k "$TESTS_K"} \
+        | grep :: > test_ids
     split -n "r/${JOBS:-12}" test_ids part_
     for part in part_*; do
         # shellcheck disable=SC2046  # one test id per word

@@ -188,3 +188,14 @@ def test_benchmark_script_runs_as_a_command():
     result = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "--out" in result.stdout and "Gated DeltaNet" in result.stdout
+
+
+def test_gpu_check_script_explains_its_usage(tmp_path):
+    """benchmarks/gpu_kernel_check.sh, run with a mode it does not have, says how to run it and exits 2
+    before it installs or writes anything."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_kernel_check.sh"
+    result = subprocess.run(["bash", str(script), str(tmp_path / "out"), "benchmark"], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2
+    assert "tests|bench|all" in result.stderr and "sweep" in result.stderr
+    assert not (tmp_path / "out").exists()
