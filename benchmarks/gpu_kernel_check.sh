@@ -69,8 +69,8 @@ if [ "$what" != bench ]; then
         | grep :: > test_ids
     split -n "r/${JOBS:-12}" test_ids part_
     for part in part_*; do
-        # shellcheck disable=SC2046  # one test id per word
         cp "$part" "$out/tests_$part.txt"
+        # shellcheck disable=SC2046  # one test id per word
         timeout "${TEST_SECONDS:-400}" python3 -m pytest -q -p no:cacheprovider -rfE $(cat "$part") \
             >> "$out/tests_$part.txt" 2>&1 &
     done
