@@ -2,8 +2,8 @@
 
 Rows of every [tokens, heads, ...] tensor are addressed by an int64 element offset per row, so
 products of B, T, H and the head dims never wrap at 2^31. Tiles that a kernel needs transposed are
-loaded transposed from memory: Triton 3.4-3.7.0 on Hopper miscompiles `tl.trans` of a `tl.dot`
-result, so no kernel here transposes anything it computed.
+loaded transposed from memory, or transposed as elementwise results of loads: Triton 3.4-3.7.0 on
+Hopper miscompiles `tl.trans` of a `tl.dot` result, so no kernel here transposes a product.
 """
 import os
 
@@ -89,11 +89,23 @@ def operand(x, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _mm_f32(a, b):
+    """a @ b of float32 tiles to float32 accuracy: three TF32 tensor-core products (tf32x3) on the GPU.
+    Exact float32 products ("ieee") are lowered to unrolled FMA loops there, which at K = V = 256 took
+    Triton 3.6 over 7 minutes to compile per kernel; the interpreter computes them exactly."""
+    if INTERPRETED:
+        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32x3")
+    return c
+
+
+@triton.jit
 def mm(a, b, IEEE: tl.constexpr):
     """a @ b accumulated in float32: bfloat16 operands for 16-bit inputs (the tensor-core rate, and
-    half the shared memory of float32 ones), exact float32 products for float32 inputs."""
+    half the shared memory of float32 ones), float32-accurate products for float32 inputs (_mm_f32)."""
     if IEEE:
-        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        c = _mm_f32(a, b)
     elif INTERPRETED:
         c = tl.dot(_rounded(a, 16), _rounded(b, 16), input_precision="ieee")
     else:
@@ -104,10 +116,10 @@ def mm(a, b, IEEE: tl.constexpr):
 @triton.jit
 def mm_tf32(a, b, IEEE: tl.constexpr):
     """a @ b with TF32 operands for 16-bit inputs, for products of float32 tiles that must keep more
-    precision than bfloat16 (the triangular inverse's block merges); exact float32 products for float32
-    inputs."""
+    precision than bfloat16 (the triangular inverse's block merges); float32-accurate products for float32
+    inputs (_mm_f32)."""
     if IEEE:
-        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        c = _mm_f32(a, b)
     elif INTERPRETED:
         c = tl.dot(_rounded(a, 13), _rounded(b, 13), input_precision="ieee")
     else:

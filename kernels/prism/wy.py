@@ -61,38 +61,36 @@ def wy_bwd_kernel(
     b_G = tl.load(g_cum + row, mask=m_c, other=0.0)
     b_b1 = tl.load(beta + row * L, mask=m_c, other=0.0).to(tl.float32)
     b_Ms = chunk_decay(b_G, m_c, True, True, C)
-    b_Mst = chunk_decay(b_G, m_c, False, True, C)
     b_k = load_rows(k, row * K, m_c, o_k, K)
 
-    # A = b1 M K K^T: dA/dk_r = sum_i Y_ri k_i, dA/dk_i = sum_r Y_ri k_r with Y = dA M b1.
-    b_dA = tl.load(d_a + row[:, None] * C + o_c[None, :], mask=m_c[:, None], other=0.0)
-    b_dAt = tl.load(d_a + row[None, :] * C + o_c[:, None], mask=m_c[None, :], other=0.0)
-    b_y = b_dA * b_Ms * b_b1[:, None]
-    b_yt = b_dAt * b_Mst * b_b1[None, :]
+    # A = diag(b1) (M * K K^T). With X = dA * M and Y = diag(b1) X: dk = (Y + Y^T) K, db1 = rowsum(X * K K^T),
+    # and G_r enters as +rows and -columns of Y * K K^T. Y^T is an operand transposed, not a product.
+    b_x = tl.load(d_a + row[:, None] * C + o_c[None, :], mask=m_c[:, None], other=0.0) * b_Ms
+    b_y = b_x * b_b1[:, None]
     b_kk = mm(b_k, tl.trans(b_k), IEEE)
     b_dk = tl.load(dk_acc + row[:, None] * K + o_k[None, :], mask=m_ck, other=0.0)
-    b_dk += mm(b_y, b_k, IEEE) + mm(b_yt, b_k, IEEE)
+    b_dk += mm(b_y, b_k, IEEE) + mm(tl.trans(b_y), b_k, IEEE)
     b_z = b_y * b_kk
     b_dG = tl.sum(b_z, 1) - tl.sum(b_z, 0)
     b_dG += tl.load(dg_acc + row * 2, mask=m_c, other=0.0) + tl.load(dg_acc + row * 2 + 1, mask=m_c, other=0.0)
-    b_db1 = tl.sum(b_dA * b_Ms * b_kk, 1)
+    b_db1 = tl.sum(b_x * b_kk, 1)
 
+    # B^l = diag(b1) (M * K (Kappa^l)^T), the same way: dk += Y_l Kappa^l, dkappa^l = Y_l^T K.
     for l in tl.static_range(1, L):
         x_row = row * (L - 1) + l - 1
         b_kx = load_rows(kx, x_row * K, m_c, o_k, K)
-        b_dB = tl.load(d_b + x_row[:, None] * C + o_c[None, :], mask=m_c[:, None], other=0.0)
-        b_dBt = tl.load(d_b + x_row[None, :] * C + o_c[:, None], mask=m_c[None, :], other=0.0)
-        b_y = b_dB * b_Ms * b_b1[:, None]
-        b_yt = b_dBt * b_Mst * b_b1[None, :]
+        b_x = tl.load(d_b + x_row[:, None] * C + o_c[None, :], mask=m_c[:, None], other=0.0) * b_Ms
+        b_y = b_x * b_b1[:, None]
         b_kkx = mm(b_k, tl.trans(b_kx), IEEE)
         b_dk += mm(b_y, b_kx, IEEE)
-        b_dkx = tl.load(dkx_acc + x_row[:, None] * K + o_k[None, :], mask=m_ck, other=0.0) + mm(b_yt, b_k, IEEE)
+        b_dkx = tl.load(dkx_acc + x_row[:, None] * K + o_k[None, :], mask=m_ck, other=0.0) + mm(tl.trans(b_y), b_k,
+                                                                                                 IEEE)
         tl.store(dkx + x_row[:, None] * K + o_k[None, :], cast(b_dkx, dkx.dtype.element_ty), mask=m_ck)
         b_dbl = tl.load(dbeta_acc + row * L + l, mask=m_c, other=0.0)
         tl.store(dbeta + row * L + l, cast(b_dbl, dbeta.dtype.element_ty), mask=m_c)
         b_z = b_y * b_kkx
         b_dG += tl.sum(b_z, 1) - tl.sum(b_z, 0)
-        b_db1 += tl.sum(b_dB * b_Ms * b_kkx, 1)
+        b_db1 += tl.sum(b_x * b_kkx, 1)
 
     tl.store(dk + row[:, None] * K + o_k[None, :], cast(b_dk, dk.dtype.element_ty), mask=m_ck)
     b_db1 += tl.load(dbeta_acc + row * L, mask=m_c, other=0.0)
