@@ -89,23 +89,13 @@ def operand(x, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _mm_f32(a, b):
-    """a @ b of float32 tiles to float32 accuracy: three TF32 tensor-core products (tf32x3) on the GPU.
-    Exact float32 products ("ieee") are lowered to unrolled FMA loops there, which at K = V = 256 took
-    Triton 3.6 over 7 minutes to compile per kernel; the interpreter computes them exactly."""
-    if INTERPRETED:
-        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32x3")
-    return c
-
-
-@triton.jit
 def mm(a, b, IEEE: tl.constexpr):
     """a @ b accumulated in float32: bfloat16 operands for 16-bit inputs (the tensor-core rate, and
-    half the shared memory of float32 ones), float32-accurate products for float32 inputs (_mm_f32)."""
+    half the shared memory of float32 ones), exact float32 products for float32 inputs. (Those compile to
+    unrolled FMA loops, slowly at K = 256; tf32x3 products compiled fast on the H200 under Triton 3.6, but
+    put the initial state's gradient 1.1e-2 off at K = V = 128 and needed 288 KiB of shared memory at 256.)"""
     if IEEE:
-        c = _mm_f32(a, b)
+        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     elif INTERPRETED:
         c = tl.dot(_rounded(a, 16), _rounded(b, 16), input_precision="ieee")
     else:
@@ -116,10 +106,10 @@ def mm(a, b, IEEE: tl.constexpr):
 @triton.jit
 def mm_tf32(a, b, IEEE: tl.constexpr):
     """a @ b with TF32 operands for 16-bit inputs, for products of float32 tiles that must keep more
-    precision than bfloat16 (the triangular inverse's block merges); float32-accurate products for float32
-    inputs (_mm_f32)."""
+    precision than bfloat16 (the triangular inverse's block merges); exact float32 products for float32
+    inputs."""
     if IEEE:
-        c = _mm_f32(a, b)
+        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     elif INTERPRETED:
         c = tl.dot(_rounded(a, 13), _rounded(b, 13), input_precision="ieee")
     else:
