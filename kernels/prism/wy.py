@@ -83,8 +83,8 @@ def wy_bwd_kernel(
         b_y = b_x * b_b1[:, None]
         b_kkx = mm(b_k, tl.trans(b_kx), IEEE)
         b_dk += mm(b_y, b_kx, IEEE)
-        b_dkx = tl.load(dkx_acc + x_row[:, None] * K + o_k[None, :], mask=m_ck, other=0.0) + mm(tl.trans(b_y), b_k,
-                                                                                                 IEEE)
+        b_dkx = tl.load(dkx_acc + x_row[:, None] * K + o_k[None, :], mask=m_ck, other=0.0)
+        b_dkx += mm(tl.trans(b_y), b_k, IEEE)
         tl.store(dkx + x_row[:, None] * K + o_k[None, :], cast(b_dkx, dkx.dtype.element_ty), mask=m_ck)
         b_dbl = tl.load(dbeta_acc + row * L + l, mask=m_c, other=0.0)
         tl.store(dbeta + row * L + l, cast(b_dbl, dbeta.dtype.element_ty), mask=m_c)
