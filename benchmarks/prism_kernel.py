@@ -1,7 +1,7 @@
 """Times the Triton PRISM kernel against fla's Gated DeltaNet kernel and against PRISM run the
 generic way (fla's DPLR delta rule over the L-times longer sequence), forward and forward+backward,
 with peak memory, on one GPU. Prints a markdown table (ratios against Gated DeltaNet in the same
-run), and on request the CUDA time per kernel.
+run), PRISM L=3's speed-up over the DPLR path, and on request the CUDA time per kernel.
 
     python benchmarks/prism_kernel.py [--out results.md]
 
@@ -82,11 +82,7 @@ def measure(make_inputs, make_call):
     do = torch.randn_like(o)
     del o
 
-    def fwd_bwd():
-        torch.autograd.backward(fn(), do)
-        for t in leaves:
-            t.grad = None
-
+    fwd_bwd = forward_backward(fn, do, leaves)
     fwd_bwd()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -97,21 +93,32 @@ def measure(make_inputs, make_call):
     return fwd, both, peak
 
 
+def forward_backward(fn, do, leaves):
+    """One training-like step: forward, backward, then the gradients dropped (as zero_grad(set_to_none=True)
+    does), so that no step pays for accumulating into .grad."""
+    def step():
+        torch.autograd.backward(fn(), do)
+        for t in leaves:
+            t.grad = None
+
+    return step
+
+
 def kernel_breakdown(make_inputs, make_call):
     """CUDA time per kernel (ms per forward+backward), the largest first."""
     x = make_inputs()
-    for t in x.values():
-        if t is not None:
-            t.requires_grad_()
+    leaves = [t for t in x.values() if t is not None]
+    for t in leaves:
+        t.requires_grad_()
     fn = make_call(x)
-    do = torch.randn_like(fn())
+    step = forward_backward(fn, torch.randn_like(fn()), leaves)
     for _ in range(3):
-        torch.autograd.backward(fn(), do)
+        step()
     torch.cuda.synchronize()
     steps = 5
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
-            torch.autograd.backward(fn(), do)
+            step()
         torch.cuda.synchronize()
     totals = collections.Counter()
     for evt in prof.events():
@@ -160,14 +167,14 @@ def main():
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for line in header:
         emit(line)
-    runs, bases = [], {}
+    runs, bases, times = [], {}, {}
     for i_shape in args.shapes:
         B, T, H, D = SHAPES[i_shape]
         runs.append((i_shape, "fla Gated DeltaNet", lambda B=B, T=T, H=H, D=D: prism_inputs(B, T, H, D, 1), gdn_call))
         runs += [(i_shape, f"PRISM Triton L={L}", lambda B=B, T=T, H=H, D=D, L=L: prism_inputs(B, T, H, D, L),
                   prism_call) for L in args.L]
     for run in runs:
-        time_row(run, bases, emit)
+        time_row(run, bases, times, emit)
     if args.breakdown:
         for i_shape, name, make_inputs, make_call in runs:
             B, T, H, D = SHAPES[i_shape]
@@ -177,12 +184,17 @@ def main():
     if not args.no_dplr:
         for i_shape in args.shapes:
             make_inputs = lambda i_shape=i_shape: dplr_inputs(*SHAPES[i_shape], 3)  # noqa: E731
-            time_row((i_shape, "fla DPLR, 3x expanded (PRISM L=3)", make_inputs, dplr_call), bases, emit)
+            time_row((i_shape, "fla DPLR, 3x expanded (PRISM L=3)", make_inputs, dplr_call), bases, times, emit)
+        for i_shape in args.shapes:
+            dplr, prism = (times.get((i_shape, n)) for n in ("fla DPLR, 3x expanded (PRISM L=3)", "PRISM Triton L=3"))
+            if dplr and prism:
+                emit(f"PRISM L=3 at {SHAPES[i_shape]}: forward+backward {dplr / prism:.2f}x faster than the expanded "
+                     "DPLR path")
 
 
-def time_row(run, bases, emit):
+def time_row(run, bases, times, emit):
     """Times one (shape index, name, make_inputs, make_call) and emits its table row, with ratios against
-    the first row timed at that shape."""
+    the first row timed at that shape; keeps its forward+backward ms in times[(shape index, name)]."""
     i_shape, name, make_inputs, make_call = run
     shape = ", ".join(map(str, SHAPES[i_shape]))
     log.info("timing %s at %s", name, shape)
@@ -191,6 +203,7 @@ def time_row(run, bases, emit):
     except torch.OutOfMemoryError:
         emit(f"| {shape} | {name} | out of memory | | | | | |")
         return
+    times[i_shape, name] = both
     base = bases.setdefault(i_shape, (fwd, both, peak))
     emit(f"| {shape} | {name} | {fwd:.3f} | {both:.3f} | {fwd / base[0]:.2f} | {both / base[1]:.2f} "
          f"| {peak:.2f} | {peak / base[2]:.2f} |")
