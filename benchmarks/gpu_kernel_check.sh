@@ -38,13 +38,10 @@ export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$root/.triton_cache}
 
 python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --target /tmp/prism_site "$root"/.whl/*.whl \
     || exit 1
-# The package as pyproject.toml maps it (kernels/, launch/ and data_prep/ are its subpackages).
-pkg=$(mktemp -d)
-cp -r "$root/prism_megatron" "$pkg/"
-for sub in kernels launch data_prep; do cp -r "$root/$sub" "$pkg/prism_megatron/$sub"; done
-cp -r "$root/tests" "$root/benchmarks" "$pkg/"
-export PYTHONPATH="$pkg:/tmp/prism_site${PYTHONPATH:+:$PYTHONPATH}"
-cd "$pkg" || exit 1
+# The checkout is the import tree (prism_megatron/ links kernels/, launch/ and data_prep/).
+export PYTHONPATH="$root:/tmp/prism_site${PYTHONPATH:+:$PYTHONPATH}"
+cd "$root" || exit 1
+work=$(mktemp -d)
 
 if [ "$what" = sweep ]; then
     i=0
@@ -66,13 +63,13 @@ if [ "$what" != bench ]; then
             > "$out/fla_compile_$shape.log" 2>&1 &
     done
     python3 -m pytest --collect-only -q -p no:cacheprovider tests/test_prism_triton.py ${TESTS_K:+-k "$TESTS_K"} \
-        | grep :: > test_ids
-    split -n "r/${JOBS:-12}" test_ids part_
-    for part in part_*; do
-        cp "$part" "$out/tests_$part.txt"
+        | grep :: > "$work/test_ids"
+    split -n "r/${JOBS:-12}" "$work/test_ids" "$work/part_"
+    for part in "$work"/part_*; do
+        cp "$part" "$out/tests_$(basename "$part").txt"
         # shellcheck disable=SC2046  # one test id per word
         timeout "${TEST_SECONDS:-400}" python3 -m pytest -q -p no:cacheprovider -rfE $(cat "$part") \
-            >> "$out/tests_$part.txt" 2>&1 &
+            >> "$out/tests_$(basename "$part").txt" 2>&1 &
     done
     wait
     echo "tests (one file per process, packed into $out/tests.tar):"
