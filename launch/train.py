@@ -77,7 +77,7 @@ def train(cfg: RunConfig, resume: bool = False, progress=None) -> RunSummary:
 
     from prism_megatron.data_prep.loader import DistributedBatchLoader, PackedDataset
     from prism_megatron.model import PrismLM
-    from prism_megatron.parallel import deepspeed_mpu, destroy_parallel, initialize_parallel
+    from prism_megatron.process_groups import deepspeed_mpu, destroy_parallel, initialize_parallel
 
     ds_logger.setLevel(logging.WARNING)
     # A bare call becomes rank 0 of 1 (and sets RANK etc., which DeepSpeed needs to skip MPI discovery).

@@ -1,68 +1,32 @@
 """The model's building blocks around megatron-core's TP layers: linear layers that also speak our
-sequence parallelism, RMSNorm, the SwiGLU MLP, the causal depthwise convolution, and the
-per-parameter initializers that make the initial weights independent of the TP size."""
+sequence parallelism, RMSNorm, the SwiGLU MLP and the causal depthwise convolution. Their
+parameters are made and tagged in sharding.py."""
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from megatron.core import ModelParallelConfig, tensor_parallel
 from torch import nn
 
-from prism_megatron.parallel import (
-    gather_sequence,
-    reduce_scatter_sequence,
-    tag_replicated,
+from prism_megatron.process_groups import tp_size
+from prism_megatron.sequence_parallel import gather_sequence, reduce_scatter_sequence
+from prism_megatron.sharding import (
+    Init,
+    constant_init,
+    normal_init,
+    replicated_parameter,
+    set_init,
     tag_sharded,
-    tp_size,
+    uniform_init,
 )
-
-# ----------------------------------------------------------------------------------------------
-# Initialization. Each parameter carries `global_init(shape, generator, device) -> tensor`, which
-# draws its *global* tensor; the model draws it with a generator seeded by (seed, parameter name)
-# and keeps this rank's shard, so a TP=2 model starts from the TP=1 model's weights, split.
-
-Init = Callable[[tuple[int, ...], torch.Generator, torch.device], torch.Tensor]
-
-
-def normal_init(std: float) -> Init:
-    return lambda shape, gen, device: torch.empty(shape, device=device).normal_(0.0, std, generator=gen)
-
-
-def uniform_init(low: float, high: float) -> Init:
-    return lambda shape, gen, device: torch.empty(shape, device=device).uniform_(low, high, generator=gen)
-
-
-def constant_init(value: float) -> Init:
-    return lambda shape, gen, device: torch.full(shape, value, device=device)
-
-
-def set_init(param: nn.Parameter, init: Init) -> nn.Parameter:
-    param.global_init = init
-    return param
-
-
-def new_parameter(shape: tuple[int, ...], config: ModelParallelConfig) -> nn.Parameter:
-    # Like megatron's layers: the default device on the CPU, so that a model built under
-    # `with torch.device("meta")` allocates nothing (to count parameters of large presets).
-    device = None if config.use_cpu_initialization else torch.cuda.current_device()
-    return nn.Parameter(torch.empty(shape, device=device, dtype=config.params_dtype))
-
-
-def sharded_parameter(local_shape: tuple[int, ...], init: Init, config: ModelParallelConfig,
-                      segments: tuple[int, ...] | None = None) -> nn.Parameter:
-    """A parameter of this rank's heads or channels, split over TP along dim 0."""
-    p = set_init(new_parameter(local_shape, config), init)
-    tag_sharded(p, 0, segments)
-    return p
 
 
 def megatron_config(tp: int, dtype: torch.dtype = torch.float32) -> ModelParallelConfig:
     """The config megatron-core's TP layers read. Its sequence_parallel stays off: our own SP
-    functions (parallel.py) wrap the layers instead, since megatron's need CUDA (see there).
-    Initialization is ours too (see global_init above)."""
+    functions (sequence_parallel.py) wrap the layers instead, since megatron's need CUDA (see there).
+    Initialization is ours too (sharding.py: global_init)."""
     return ModelParallelConfig(
         tensor_model_parallel_size=tp,
         sequence_parallel=False,
@@ -152,8 +116,7 @@ class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, config: ModelParallelConfig, partial_input: bool):
         super().__init__()
         self.eps = eps
-        self.weight = set_init(new_parameter((dim,), config), constant_init(1.0))
-        tag_replicated(self.weight, sum_grad_over_tp=partial_input)
+        self.weight = replicated_parameter((dim,), constant_init(1.0), config, sum_grad_over_tp=partial_input)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = upcast(x)

@@ -9,11 +9,13 @@
 
 The fused in_proj output is laid out part by part (q, k, v, ...), each part split by heads, so a
 TP rank's shard holds whole heads of every part and the rest of the layer is rank-local. The
-convolution channels are the leading parts (q, k, v, [u]) of the same layout.
+convolution channels are the leading parts (q, k, v, [u]) of the same layout. `InProjLayout` is
+that layout, the one description the mixer, its parameters' TP split and the tests read.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -28,13 +30,51 @@ from prism_megatron.layers import (
     causal_depthwise_conv,
     check_divides,
     conv_init,
-    normal_init,
-    sharded_parameter,
     upcast,
 )
 from prism_megatron.ops import prism_recurrence
-from prism_megatron.parallel import tp_size
+from prism_megatron.process_groups import tp_size
+from prism_megatron.sharding import normal_init, sharded_parameter
 from prism_megatron.solver import PrismSolver, l2norm
+
+
+@dataclass(frozen=True)
+class InProjLayout:
+    """The fused in_proj's output parts in order, with their global sizes: q, k, v and (PRISM) the
+    anchor u pass through the short convolution; then the gate z, the decay logits a and (Gated
+    DeltaNet) the strength logits b. Every part is split over TP by heads, so at TP size `tp` a
+    rank holds size/tp of each, in the same order."""
+
+    parts: tuple[tuple[str, int], ...]
+    conv_parts: tuple[str, ...]
+
+    @classmethod
+    def for_config(cls, cfg: ModelConfig) -> InProjLayout:
+        H, K, V = cfg.num_heads, cfg.head_k_dim, cfg.head_v_dim
+        prism = cfg.solver == "prism"
+        conv = (("q", H * K), ("k", H * K), ("v", H * V)) + ((("u", H * V),) if prism else ())
+        gates = (("z", H * V), ("a", H)) + (() if prism else (("b", H),))
+        return cls(conv + gates, tuple(name for name, _ in conv))
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        """Global sizes in layout order (the in_proj weight's segments)."""
+        return tuple(size for _, size in self.parts)
+
+    @property
+    def conv_sizes(self) -> tuple[int, ...]:
+        """Global sizes of the convolution's channel parts (the conv weight's segments)."""
+        return self.sizes[: len(self.conv_parts)]
+
+    @property
+    def gate_parts(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.parts[len(self.conv_parts):])
+
+    def split(self, h: torch.Tensor, tp: int, names: tuple[str, ...]) -> list[torch.Tensor]:
+        """A rank's slice [..., sum of the named parts' sizes / tp] of consecutive parts -> one
+        tensor per part (views)."""
+        size = dict(self.parts)
+        return list(h.split([size[name] // tp for name in names], dim=-1))
 
 
 def a_log_init(shape, gen, device):
@@ -59,19 +99,14 @@ class PrismMixer(nn.Module):
         self.head_k_dim, self.head_v_dim = K, V
         self.backend = cfg.kernel_backend
 
-        # Global sizes of the fused in_proj parts, in layout order; the conv runs on the leading ones.
-        conv_parts = (H * K, H * K, H * V) + ((H * V,) if self.prism else ())
-        gate_parts = (H * V, H) + (() if self.prism else (H,))  # z, a-logits, [b-logits]
-        parts = conv_parts + gate_parts
-        self.local_conv_parts = [p // tp_size() for p in conv_parts]
-        self.local_gate_parts = [p // tp_size() for p in gate_parts]
-        self.local_conv = sum(self.local_conv_parts)
-        self.local_qkv = sum(self.local_conv_parts[:3])
+        self.layout = InProjLayout.for_config(cfg)
+        self.local_conv = sum(self.layout.conv_sizes) // tp_size()
 
-        self.in_proj = ColumnParallelLinear(cfg.hidden_size, sum(parts), config=config, segments=parts,
+        self.in_proj = ColumnParallelLinear(cfg.hidden_size, sum(self.layout.sizes), config=config,
+                                            segments=self.layout.sizes,
                                             init=normal_init(cfg.init_std), sequence_parallel=sequence_parallel)
         self.conv_weight = sharded_parameter((self.local_conv, cfg.conv_size), conv_init(cfg.conv_size), config,
-                                             segments=conv_parts)
+                                             segments=self.layout.conv_sizes)
         self.A_log = sharded_parameter((self.heads,), a_log_init, config)
         self.dt_bias = sharded_parameter((self.heads,), dt_bias_init, config)
         self.solver = (PrismSolver(self.heads, K, V, cfg.solver_steps, config=config, init_std=cfg.init_std)
@@ -90,17 +125,18 @@ class PrismMixer(nn.Module):
             h = h.reshape(1, B * T, -1)
             position = position.reshape(1, B * T)
         conv = causal_depthwise_conv(h[..., : self.local_conv], self.conv_weight, position)
-        q, k, v = F.silu(conv[..., : self.local_qkv]).split(self.local_conv_parts[:3], dim=-1)
+        layout, tp = self.layout, tp_size()
+        conv = layout.split(conv, tp, layout.conv_parts)
+        q, k, v = (F.silu(x) for x in conv[:3])
         heads = h.shape[:2] + (self.heads, -1)
         q, k, v = l2norm(q.reshape(heads)), l2norm(k.reshape(heads)), v.reshape(heads)
-        gates = h[..., self.local_conv:].split(self.local_gate_parts, dim=-1)
-        z, a = gates[0].reshape(heads), gates[1]
+        z, a, *b = layout.split(h[..., self.local_conv:], tp, layout.gate_parts)
+        z = z.reshape(heads)
         g = -torch.exp(upcast(self.A_log)) * F.softplus(upcast(a) + upcast(self.dt_bias))
         if self.prism:
-            u = conv[..., self.local_qkv:].reshape(heads)
-            d, kx, beta = self.solver(u, v)
+            d, kx, beta = self.solver(conv[3].reshape(heads), v)
         else:
-            d, kx, beta = v.unsqueeze(3), None, torch.sigmoid(gates[2]).unsqueeze(3)
+            d, kx, beta = v.unsqueeze(3), None, torch.sigmoid(b[0]).unsqueeze(3)
         o, _ = prism_recurrence(q, k, d, kx, beta.to(q.dtype), g, scale=self.head_k_dim**-0.5,
                                 cu_seqlens=cu_seqlens, backend=self.backend)
         o = self.out_norm(o) * F.silu(z)

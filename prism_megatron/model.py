@@ -14,25 +14,17 @@ from megatron.core import tensor_parallel
 from torch import nn
 
 from prism_megatron.config import ModelConfig, ParallelConfig
-from prism_megatron.layers import (
-    ColumnParallelLinear,
-    RMSNorm,
-    SwiGLUMLP,
-    megatron_config,
-    no_megatron_init,
-    normal_init,
-    set_init,
-)
+from prism_megatron.layers import ColumnParallelLinear, RMSNorm, SwiGLUMLP, megatron_config, no_megatron_init
 from prism_megatron.mixer import PrismMixer
-from prism_megatron.parallel import (
+from prism_megatron.process_groups import tp_group, tp_rank, tp_size
+from prism_megatron.sequence_parallel import scatter_sequence
+from prism_megatron.sharding import (
     add_tp_grad_sum_hooks,
+    normal_init,
     padded_vocab_size,
-    scatter_sequence,
+    set_init,
     shard_spec,
     tag_vocab_parallel,
-    tp_group,
-    tp_rank,
-    tp_size,
 )
 
 

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from megatron.core import ModelParallelConfig
 from torch import nn
 
-from prism_megatron.layers import constant_init, normal_init, sharded_parameter, upcast
+from prism_megatron.layers import upcast
+from prism_megatron.sharding import constant_init, normal_init, sharded_parameter
 
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -19,7 +19,7 @@ SMALL = dict(vocab_size=64, hidden_size=32, num_layers=2, num_heads=2, head_k_di
 
 @pytest.fixture(scope="module", autouse=True)
 def single_process():
-    from prism_megatron.parallel import destroy_parallel, initialize_parallel
+    from prism_megatron.process_groups import destroy_parallel, initialize_parallel
 
     saved = dict(os.environ)
     initialize_parallel(ParallelConfig(), seed=0)
@@ -41,7 +41,7 @@ def _gated_deltanet_layer(mixer, x):
     l2-normalised (fla's l2norm: eps inside the root), the delta rule with decay exp(g) and strength beta, gated RMSNorm, output projection."""
     B, T, _ = x.shape
     H, K, V = mixer.heads, mixer.head_k_dim, mixer.head_v_dim
-    q, k, v, z, a, b = (x @ mixer.in_proj.weight.T).split([H * K, H * K, H * V, H * V, H, H], dim=-1)
+    q, k, v, z, a, b = mixer.layout.split(x @ mixer.in_proj.weight.T, 1, ("q", "k", "v", "z", "a", "b"))
     qkv = torch.cat([q, k, v], -1).transpose(1, 2)
     width = mixer.conv_weight.shape[1]
     qkv = F.conv1d(qkv, mixer.conv_weight[:, None, :], padding=width - 1, groups=qkv.shape[1])[..., :T]

@@ -10,7 +10,8 @@ import torch
 import torch.multiprocessing as mp
 
 from prism_megatron.config import ModelConfig, ParallelConfig
-from prism_megatron.parallel import ShardSpec, free_port, padded_vocab_size
+from prism_megatron.process_groups import free_port
+from prism_megatron.sharding import ShardSpec, gather_global, padded_vocab_size
 
 # vocab 100 exercises the padding of the vocab-parallel embedding and head.
 TINY = dict(vocab_size=100, hidden_size=32, num_layers=2, num_heads=4, head_k_dim=8, head_v_dim=8,
@@ -21,6 +22,10 @@ STEPS = 3
 # Small enough that AdamW's normalisation of near-zero gradients keeps rounding differences small.
 LR = 1e-3
 
+
+def global_grads(model) -> dict:
+    """Every parameter's gradient as a global tensor (a collective: call on all ranks)."""
+    return {name: gather_global(p, p.grad.detach()) for name, p in model.named_parameters()}
 
 def _entry(rank, world, port, fn, args, errors):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
@@ -78,7 +83,8 @@ def _equivalence_worker(tp: int, sequence_parallel: tuple[bool, ...], tie_embedd
     from megatron.core import parallel_state
 
     from prism_megatron.model import PrismLM
-    from prism_megatron.parallel import global_grads, global_state_dict, initialize_parallel, tp_group
+    from prism_megatron.process_groups import initialize_parallel, tp_group
+    from prism_megatron.sharding import global_state_dict
 
     cfg = ModelConfig(**TINY, tie_embeddings=tie_embeddings)
     tokens, labels, cu = _batch(0)
@@ -148,7 +154,8 @@ def _deepspeed_worker():
     from megatron.core import parallel_state
 
     from prism_megatron.model import PrismLM
-    from prism_megatron.parallel import deepspeed_mpu, global_state_dict, initialize_parallel
+    from prism_megatron.process_groups import deepspeed_mpu, initialize_parallel
+    from prism_megatron.sharding import global_state_dict
 
     def train(tp):
         parallel = ParallelConfig(tp, tp > 1)
@@ -191,7 +198,8 @@ def _bf16_worker(backend: str):
     from megatron.core import parallel_state
 
     from prism_megatron.model import PrismLM
-    from prism_megatron.parallel import global_grads, global_state_dict, initialize_parallel, load_global_state_dict
+    from prism_megatron.process_groups import initialize_parallel
+    from prism_megatron.sharding import global_state_dict, load_global_state_dict
 
     cfg = ModelConfig(vocab_size=1000, hidden_size=256, num_layers=2, num_heads=4, head_k_dim=64, head_v_dim=64,
                       ffn_hidden_size=512, kernel_backend=backend)
