@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from prism_megatron.kernels.prism import chunk as prism_chunk
+from prism_megatron.kernels.prism import launch_config
 from prism_megatron.kernels.prism.chunk import chunk_prism_recurrence
 from prism_megatron.kernels.prism.naive import naive_prism_recurrence
 
@@ -113,7 +113,7 @@ def test_matches_token_loop(dtype, L, K, V, T):
 def test_scan_value_blocks(monkeypatch, multiprocessors):
     """Both widths of the state scans' value blocks: the scans take 32 columns where 64 would leave
     multiprocessors idle (few sequences and heads), which the GPU matrix above does at its small batches."""
-    monkeypatch.setattr(prism_chunk, "_multiprocessors", lambda device: multiprocessors)
+    monkeypatch.setattr(launch_config, "multiprocessors", lambda device: multiprocessors)
     K = 128 if ON_GPU else 64
     check_against_naive(make_inputs(2, 300 if ON_GPU else 100, 2, K, K, 3, torch.bfloat16), torch.bfloat16)
 
