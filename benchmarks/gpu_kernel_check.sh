@@ -10,13 +10,13 @@
 # `sweep` times each variant (prism_kernel.py arguments, e.g. "--shapes 2 --L 3 --warps wy_fwd=8") in a
 # process of its own, without the DPLR baseline, so that a variant that faults costs only its own row.
 #
-# Needs the wheels of shared/device/fetch-wheels.sh in .whl/ (fla-core among them). Time limits in
-# seconds: TEST_SECONDS (default 400; the float32 cases at K = 128 and 256 compile for minutes) and
-# BENCH_SECONDS (default 540); JOBS (default 12: the H200 machine has 16 cores, and 6 left one
-# process at 340 s while others idled) parallel test processes; TESTS_K, a pytest -k expression,
-# runs only the tests it selects. The device tool gives one command 10 minutes: `all` fits in one with
-# TEST_SECONDS=470 and BENCH_SECONDS=100 (429 s on the H200; the process holding the slowest test to
-# compile, float32 at K = V = 256, took 355 s).
+# Needs the wheels of shared/device/fetch-wheels.sh in .whl/ (fla-core among them: without it the fla
+# comparisons fail, they do not skip). Time limits in seconds: TEST_SECONDS (default 400; the float32
+# cases at K = 128 and 256 compile for minutes) and BENCH_SECONDS (default 540); JOBS (default 12: the
+# H200 machine has 16 cores, and fewer processes left the slowest one running long after the others)
+# parallel test processes; TESTS_K, a pytest -k expression, runs only the tests it selects. The device
+# tool gives one command 10 minutes: `all` fits in one with TEST_SECONDS=470 and BENCH_SECONDS=100
+# (timings in docs/PERFORMANCE.md).
 #
 # fla's kernels autotune on their first call, compiling dozens of configurations (minutes per
 # shape). Compiled kernels are kept in TRITON_CACHE_DIR (default: .triton_cache in the checkout,

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 import triton.testing
 
-from prism_megatron.kernels.prism import chunk as prism_chunk
+from prism_megatron.kernels.prism import launch_config
 from prism_megatron.kernels.prism.chunk import chunk_prism_recurrence
 
 log = logging.getLogger("prism_kernel_bench")
@@ -138,13 +138,13 @@ def main():
                         help="also print CUDA time per kernel of Gated DeltaNet and of each PRISM L at each shape")
     parser.add_argument("--warps", nargs="+", default=[], metavar="KERNEL=N",
                         help="override the warps of a PRISM kernel (at K=128; half at K<=64), one of "
-                        f"{sorted(prism_chunk.WARPS)}")
+                        f"{sorted(launch_config.WARPS)}")
     args = parser.parse_args()
     for item in args.warps:
         name, _, n = item.partition("=")
-        if name not in prism_chunk.WARPS or not n.isdigit():
-            parser.error(f"--warps takes KERNEL=N with KERNEL one of {sorted(prism_chunk.WARPS)}, got {item!r}")
-        prism_chunk.WARPS[name] = int(n)
+        if name not in launch_config.WARPS or not n.isdigit():
+            parser.error(f"--warps takes KERNEL=N with KERNEL one of {sorted(launch_config.WARPS)}, got {item!r}")
+        launch_config.WARPS[name] = int(n)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     import fla.ops.common.chunk_o as fla_chunk_o
 
@@ -161,7 +161,7 @@ def main():
     header = [f"Device: {torch.cuda.get_device_name()}, torch {torch.__version__}, Triton {triton.__version__}, "
              f"{datetime.date.today()}; bf16 inputs, times in ms (triton.testing.do_bench), "
              "peak = max allocated GiB during one forward+backward (inputs included).",
-             f"PRISM warps per kernel (K=128): {prism_chunk.WARPS}.", "",
+             f"PRISM warps per kernel (K=128): {launch_config.WARPS}.", "",
              "| shape (B, T, H, K=V) | kernel | fwd ms | fwd+bwd ms | fwd x GDN | fwd+bwd x GDN | peak GiB "
              "| peak x GDN |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]

@@ -12,14 +12,30 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from prism_megatron.kernels.prism import chunk as prism_chunk
+from prism_megatron.kernels.prism import launch_config
 from prism_megatron.kernels.prism.chunk import chunk_prism_recurrence
 from prism_megatron.kernels.prism.naive import naive_prism_recurrence
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
-# Relative RMSE bounds (outputs and final state, gradients); float32 inputs 10x tighter.
-TOLERANCE = {torch.bfloat16: (5e-3, 1e-2), torch.float16: (5e-3, 1e-2), torch.float32: (5e-4, 1e-3)}
+# Relative RMSE bounds against the float64 loop run on the same (rounded) inputs, just above what each
+# precision reaches (docs/PERFORMANCE.md, "Kernel test tolerances"):
+# - float32: exact float32 products, float32 everywhere. Under the interpreter every output, state and
+#   gradient of every case lies within 1.2e-6 (most 1e-7 to 6e-7); 1e-5 leaves room for the GPU's other
+#   summation orders and its K = 256 cases, and fails a term off by 1e-4 of its size.
+# - 16-bit: products take bfloat16 operands and intermediates are stored in the input dtype. The final
+#   state is float32, but every scan step adds a product of bfloat16 operands (U and the decayed values)
+#   to it, so its error is that of those roundings, as o's: 1.9e-3 to 2.8e-3 on random inputs, 4.0e-3
+#   with decay and beta near 1 at K = V = 128 (o 4.2e-3, the worst gradient, dg, 7.9e-3).
+TOLERANCE = {
+    torch.float32: dict(o=1e-5, final_state=1e-5, grad=1e-5),
+    torch.bfloat16: dict(o=5e-3, final_state=5e-3, grad=1e-2),
+    torch.float16: dict(o=5e-3, final_state=5e-3, grad=1e-2),
+}
+# With decay near 0 (g down to -30), dg is about 1e6 times smaller than the other gradients (every path
+# through a decay is scaled by it), and float32 rounding of its larger partials leaves it 3.6e-5 off
+# relative to itself (3e-10 absolute, where dbeta is 1e-6 off); every other gradient there stays within 1e-7.
+STRONG_DECAY_DG = 1e-4
 NAMES = ("q", "k", "d", "kx", "beta", "g", "initial_state")
 
 
@@ -69,8 +85,9 @@ def run(fn, inputs, cu_seqlens, do, dht):
     return o, ht, {n: torch.zeros_like(x) if dx is None else dx for (n, x), dx in zip(leaves.items(), grads)}
 
 
-def check_against_naive(inputs, dtype, cu_seqlens=None, seed=1):
-    """Relative RMSE of o, the final state and every gradient against the float64 token loop."""
+def check_against_naive(inputs, dtype, cu_seqlens=None, seed=1, dg_tolerance=None):
+    """Relative RMSE of o, the final state and every gradient against the float64 token loop, within
+    TOLERANCE[dtype] (dg within dg_tolerance where given)."""
     oracle = {n: None if x is None else x.double().requires_grad_() for n, x in detached(inputs).items()}
     gen = torch.Generator().manual_seed(seed)
     q, d, h0 = inputs["q"], inputs["d"], inputs["initial_state"]
@@ -79,12 +96,14 @@ def check_against_naive(inputs, dtype, cu_seqlens=None, seed=1):
     o, ht, grads = run(chunk_prism_recurrence, inputs, cu_seqlens, do, dht)
     o_ref, ht_ref, grads_ref = run(naive_prism_recurrence, oracle, cu_seqlens, do, dht)
     assert o.dtype == dtype and ht.dtype == torch.float32
-    out_tol, grad_tol = TOLERANCE[dtype]
     errors = {"o": rel_rmse(o, o_ref), "final_state": rel_rmse(ht, ht_ref)}
     errors.update({f"d{n}": rel_rmse(grads[n], grads_ref[n]) for n in grads})
     for n in grads:
         assert grads[n].dtype == inputs[n].dtype, n
-    bad = {n: e for n, e in errors.items() if e > (out_tol if n in ("o", "final_state") else grad_tol)}
+    bounds = {n: TOLERANCE[dtype].get(n, TOLERANCE[dtype]["grad"]) for n in errors}
+    if dg_tolerance is not None:
+        bounds["dg"] = dg_tolerance
+    bad = {n: e for n, e in errors.items() if e > bounds[n]}
     assert not bad, f"relative RMSE over tolerance: {bad} (all: {errors})"
 
 
@@ -113,7 +132,7 @@ def test_matches_token_loop(dtype, L, K, V, T):
 def test_scan_value_blocks(monkeypatch, multiprocessors):
     """Both widths of the state scans' value blocks: the scans take 32 columns where 64 would leave
     multiprocessors idle (few sequences and heads), which the GPU matrix above does at its small batches."""
-    monkeypatch.setattr(prism_chunk, "_multiprocessors", lambda device: multiprocessors)
+    monkeypatch.setattr(launch_config, "multiprocessors", lambda device: multiprocessors)
     K = 128 if ON_GPU else 64
     check_against_naive(make_inputs(2, 300 if ON_GPU else 100, 2, K, K, 3, torch.bfloat16), torch.bfloat16)
 
@@ -128,7 +147,9 @@ def test_scan_value_blocks(monkeypatch, multiprocessors):
 def test_hard_cases(case):
     shape = dict(HARD_SHAPE)
     dtype = shape.pop("dtype")
-    check_against_naive(make_inputs(**shape, dtype=dtype, **case), dtype)
+    strong_decay = case.get("g_range", (0.0, 0.0))[1] < -1.0
+    dg_tolerance = STRONG_DECAY_DG if strong_decay and dtype == torch.float32 else None
+    check_against_naive(make_inputs(**shape, dtype=dtype, **case), dtype, dg_tolerance=dg_tolerance)
 
 
 @pytest.mark.parametrize("T", [0, 1])
@@ -149,7 +170,7 @@ def test_no_state_in_or_out():
     inputs = make_inputs(1, 80, 1, 16, 16, 2, torch.float32)
     o, ht = chunk_prism_recurrence(inputs["q"], inputs["k"], inputs["d"], inputs["kx"], inputs["beta"], inputs["g"])
     o_ref, _ = naive_prism_recurrence(*(inputs[n].detach().double() for n in NAMES[:6]))
-    assert ht is None and rel_rmse(o, o_ref) < TOLERANCE[torch.float32][0]
+    assert ht is None and rel_rmse(o, o_ref) < TOLERANCE[torch.float32]["o"]
     o.sum().backward()
     assert inputs["initial_state"].grad is None and torch.isfinite(inputs["g"].grad).all()
 
@@ -163,10 +184,11 @@ def test_rejects_what_the_kernel_does_not_support():
         chunk_prism_recurrence(**{n: None if x is None else x.double() for n, x in inputs.items()})
 
 
-@pytest.mark.skipif(not ON_GPU, reason="fla's kernels need CUDA")
+@pytest.mark.gpu
 @pytest.mark.parametrize("varlen", [False, True])
 def test_matches_fla_gated_deltanet_at_L1(varlen):
-    fla = pytest.importorskip("fla.ops.gated_delta_rule")
+    """fla (the `gpu` extra) is imported, not skipped: on a GPU machine without it this test fails."""
+    import fla.ops.gated_delta_rule as fla
     B, T, H, K = (1, 1500, 4, 128) if varlen else (2, 1000, 4, 128)
     inputs = detached(make_inputs(B, T, H, K, K, 1, torch.bfloat16))
     cu_seqlens = torch.tensor([0, 1, 700, 1500], device=DEVICE) if varlen else None

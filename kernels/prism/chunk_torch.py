@@ -22,7 +22,7 @@ from prism_megatron.kernels.prism.naive import state_dtype
 
 
 @dataclass
-class ChunkLayout:
+class StepMajorChunkLayout:
     """Where every token goes in the [H, num_chunks, C] chunk layout, and back.
 
     Chunks are numbered step-major: the first chunk of every sequence, then every second chunk,
@@ -38,7 +38,7 @@ class ChunkLayout:
     chunks_per_step: list[int]  # how many sequences are still running at each scan step
 
     @classmethod
-    def build(cls, batch: int, length: int, cu_seqlens: torch.Tensor | None, chunk_size: int, device) -> ChunkLayout:
+    def build(cls, batch: int, length: int, cu_seqlens: torch.Tensor | None, chunk_size: int, device) -> StepMajorChunkLayout:
         C = chunk_size
         if cu_seqlens is None:
             starts = torch.arange(batch, device=device) * length
@@ -105,7 +105,7 @@ def chunk_prism_recurrence_torch(
     state = q.new_zeros(num_seqs, H, K, V, dtype=acc) if initial_state is None else initial_state.to(acc)
     if B * T == 0:
         return q.new_zeros(B, T, H, V), (state if output_final_state else None)
-    layout = ChunkLayout.build(B, T, cu_seqlens, C, q.device)
+    layout = StepMajorChunkLayout.build(B, T, cu_seqlens, C, q.device)
 
     # [H, n, C, ...] for n chunks; the L write keys (k first, then kx) and the L write values are
     # stacked as L blocks of C rows: [H, n, L*C, ...].

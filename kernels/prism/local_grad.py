@@ -15,10 +15,51 @@ wy.py's backward finishes the partials (float32): it adds the paths through A an
 per kernel that writes it (two), so that neither reads the other's. Transposed products are formed
 from operands loaded transposed, never by transposing a product.
 """
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
 import triton
 import triton.language as tl
 
+from .launch_config import CHUNK, PackedChunkTable, local_stages, tile_bytes, value_blocks, warps
 from .tiles import cast, chunk_decay, chunk_rows, load_rows, load_rows_t, mm, operand
+
+
+@dataclass
+class ChunkLocalGrads:
+    """What the three kernels below write: dq and dd final (their inputs' dtypes), the rest float32
+    partials that wy.py's backward finishes. With L = 1 the extra-key buffers are never touched, and
+    stand-ins keep every pointer valid."""
+
+    dq: torch.Tensor      # [TT, H, K]
+    dg: torch.Tensor      # [TT, H, 2] partial dG: slot 0 output_state_grad's, slot 1 pseudo_value_grad's
+    dk: torch.Tensor      # [TT, H, K]
+    dkx: torch.Tensor     # [TT, H, L - 1, K]
+    dd: torch.Tensor      # [TT, H, L, V]
+    dbeta: torch.Tensor   # [TT, H, L]
+    d_a: torch.Tensor     # [TT, H, C] dA, row by row
+    d_b: torch.Tensor     # [TT, H, L - 1, C] dB^l, row by row
+
+    @classmethod
+    def empty(cls, q: torch.Tensor, d: torch.Tensor) -> ChunkLocalGrads:
+        TT, H, K = q.shape
+        L = d.shape[-2]
+        f32 = dict(dtype=torch.float32, device=q.device)
+        dq = torch.empty_like(q)
+        dg = torch.empty(TT, H, 2, **f32)
+        dk = torch.empty(TT, H, K, **f32)
+        dkx = torch.empty(TT, H, L - 1, K, **f32) if L > 1 else dk
+        dd = torch.empty_like(d)
+        dbeta = torch.empty(TT, H, L, **f32)
+        d_a = torch.empty(TT, H, CHUNK, **f32)
+        d_b = torch.empty(TT, H, L - 1, CHUNK, **f32) if L > 1 else d_a
+        return cls(dq=dq, dg=dg, dk=dk, dkx=dkx, dd=dd, dbeta=dbeta, d_a=d_a, d_b=d_b)
+
+
+def _blocks(q: torch.Tensor, d: torch.Tensor) -> dict:
+    return dict(value_blocks(q, d.shape[-1]), L=d.shape[-2])
 
 
 @triton.jit
@@ -70,6 +111,20 @@ def pseudo_value_grad_kernel(
     tl.store(dk + row[:, None] * K + o_k[None, :], b_bg[:, None] * b_dx, mask=m_c[:, None] & m_k[None, :])
     tl.store(dbeta + row * L, b_db1 + b_xk * b_gam, mask=m_c)
     tl.store(dg_acc + row * 2 + 1, b_xk * b_bg, mask=m_c)
+
+
+def pseudo_value_grad(*, k: torch.Tensor, d: torch.Tensor, beta: torch.Tensor, g_cum: torch.Tensor,
+                      t_mat: torch.Tensor, w: torch.Tensor, u_tilde: torch.Tensor, states: torch.Tensor,
+                      du: torch.Tensor, out: ChunkLocalGrads, table: PackedChunkTable) -> None:
+    """Writes out.dd (key 1), out.d_a and the first partials of out.dk, out.dbeta (key 1) and out.dg; with
+    extra keys, overwrites du with dR."""
+    blocks = _blocks(k, d)
+    pseudo_value_grad_kernel[(table.num_chunks, k.shape[1])](
+        k=k, d=d, beta=beta, g_cum=g_cum, t_mat=t_mat, w=w, u_tilde=u_tilde, states=states, du=du,
+        dk=out.dk, dd=out.dd, dbeta=out.dbeta, dg_acc=out.dg, d_a=out.d_a, chunks=table.chunks,
+        H=k.shape[1], C=CHUNK, num_warps=warps("pseudo_value_grad", blocks),
+        num_stages=local_stages(blocks, tile_bytes(blocks, value=3, state=1), tile_bytes(blocks, key=2, square=1)),
+        **blocks)
 
 
 @triton.jit
@@ -164,6 +219,20 @@ def output_state_grad_kernel(
     tl.store(dg_acc + row * 2, b_dG, mask=m_c)
 
 
+def output_state_grad(*, q: torch.Tensor, k: torch.Tensor, kx: torch.Tensor | None, d: torch.Tensor,
+                      beta: torch.Tensor, g_cum: torch.Tensor, states: torch.Tensor, u: torch.Tensor,
+                      d_states: torch.Tensor, do: torch.Tensor, scale: float, out: ChunkLocalGrads,
+                      table: PackedChunkTable) -> None:
+    """Writes out.dq and out.dkx's first partial, adds to out.dk (after pseudo_value_grad), writes out.dg's
+    slot 0."""
+    blocks = _blocks(q, d)
+    output_state_grad_kernel[(table.num_chunks, q.shape[1])](
+        q=q, k=k, kx=k if kx is None else kx, d=d, beta=beta, g_cum=g_cum, states=states, u=u, d_states=d_states,
+        do=do, dq=out.dq, dk=out.dk, dkx=out.dkx, dg_acc=out.dg, chunks=table.chunks, scale=scale,
+        H=q.shape[1], C=CHUNK, num_warps=warps("output_state_grad", blocks),
+        num_stages=local_stages(blocks, tile_bytes(blocks, value=2, state=2), tile_bytes(blocks, key=3)), **blocks)
+
+
 @triton.jit
 def extra_key_grad_kernel(
     q, k, kx, d, beta, g_cum, d_states, d_r, do,
@@ -212,3 +281,20 @@ def extra_key_grad_kernel(
                  cast(b_dwl * b_bl[:, None], dd.dtype.element_ty), mask=m_c[:, None] & m_v[None, :])
     tl.store(dbeta + row * L + l, b_dbl, mask=m_c)
     tl.store(d_b + x_row[:, None] * C + o_c[None, :], -tl.where(strict, b_dBl, 0.0), mask=m_c[:, None])
+
+
+def extra_key_grad(*, q: torch.Tensor, k: torch.Tensor, kx: torch.Tensor | None, d: torch.Tensor,
+                   beta: torch.Tensor, g_cum: torch.Tensor, d_states: torch.Tensor, d_r: torch.Tensor,
+                   do: torch.Tensor, scale: float, out: ChunkLocalGrads, table: PackedChunkTable) -> None:
+    """Writes out.dd, out.dbeta and out.d_b of keys 2..L (nothing with L = 1); d_r is the dR that
+    pseudo_value_grad left in dU's place."""
+    blocks = _blocks(q, d)
+    L = blocks["L"]
+    if L == 1:
+        return
+    extra_key_grad_kernel[(table.num_chunks, q.shape[1], L - 1)](
+        q=q, k=k, kx=kx, d=d, beta=beta, g_cum=g_cum, d_states=d_states, d_r=d_r, do=do,
+        dd=out.dd, dbeta=out.dbeta, d_b=out.d_b, chunks=table.chunks, scale=scale, H=q.shape[1], C=CHUNK,
+        num_warps=warps("extra_key_grad", blocks),
+        num_stages=local_stages(blocks, tile_bytes(blocks, value=3, state=1), tile_bytes(blocks, key=1, square=2)),
+        **blocks)

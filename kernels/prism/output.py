@@ -4,9 +4,11 @@
 
 with M the inclusive lower-triangular decay matrix.
 """
+import torch
 import triton
 import triton.language as tl
 
+from .launch_config import CHUNK, PackedChunkTable, value_blocks, warps, wide_values
 from .tiles import cast, chunk_decay, chunk_rows, load_rows, mm, state_tile
 
 
@@ -37,3 +39,19 @@ def output_fwd_kernel(
         b_o += mm(b_M * mm(b_q, tl.trans(b_kx), IEEE), b_wl, IEEE)
     tl.store(o + row[:, None] * V + o_v[None, :], cast(b_o * scale, o.dtype.element_ty),
              mask=m_c[:, None] & m_v[None, :])
+
+
+def output_fwd(*, q: torch.Tensor, k: torch.Tensor, kx: torch.Tensor | None, d: torch.Tensor, beta: torch.Tensor,
+               g_cum: torch.Tensor, states: torch.Tensor, u: torch.Tensor, scale: float,
+               table: PackedChunkTable) -> torch.Tensor:
+    """O (the input dtype), per token and head."""
+    TT, H, _ = q.shape
+    L, V = d.shape[-2], d.shape[-1]
+    o = torch.empty(TT, H, V, dtype=q.dtype, device=q.device)
+    blocks = value_blocks(q, V)
+    # Q K^T and the Q (Kappa^l)^T are formed once per value block.
+    wide = wide_values(blocks)
+    output_fwd_kernel[(table.num_chunks, H, triton.cdiv(V, wide["BV"]))](
+        q=q, k=k, kx=k if kx is None else kx, d=d, beta=beta, g_cum=g_cum, states=states, u=u, o=o,
+        chunks=table.chunks, scale=scale, H=H, L=L, C=CHUNK, num_warps=warps("output", blocks), **wide)
+    return o

@@ -9,9 +9,11 @@ blocks below the diagonal of T merged from them with small products,
 
 which costs a fraction of inverting the 64 x 64 matrix as a whole.
 """
+import torch
 import triton
 import triton.language as tl
 
+from .launch_config import CHUNK, PackedChunkTable, key_blocks, warps
 from .tiles import cast, chunk_rows, mm, mm_tf32
 
 SUB = tl.constexpr(16)  # rows of a block; the chunk is 4 blocks
@@ -122,3 +124,16 @@ def solve_kernel(
     _store_block(t_mat, r3, m3, 1, b_T31, C)
     _store_block(t_mat, r3, m3, 2, b_T32, C)
     _store_block(t_mat, r3, m3, 3, b_T33, C)
+
+
+def solve_fwd(*, k: torch.Tensor, beta: torch.Tensor, g: torch.Tensor,
+              table: PackedChunkTable) -> tuple[torch.Tensor, torch.Tensor]:
+    """G (float32) and T (the input dtype), per token and head."""
+    TT, H, _ = k.shape
+    blocks = key_blocks(k)
+    g_cum = torch.empty(TT, H, dtype=torch.float32, device=k.device)
+    t_mat = torch.empty(TT, H, CHUNK, dtype=k.dtype, device=k.device)
+    solve_kernel[(table.num_chunks, H)](
+        k=k, beta=beta, g=g, g_cum=g_cum, t_mat=t_mat, chunks=table.chunks, H=H, L=beta.shape[-1], C=CHUNK,
+        num_warps=warps("solve", blocks), **blocks)
+    return g_cum, t_mat

@@ -13,9 +13,11 @@ The output's part dU_local = scale (M^T * K Q^T) dO does not depend on the state
 it for every chunk in parallel, as fla does, which leaves the sequential scan three products per chunk
 instead of five.
 """
+import torch
 import triton
 import triton.language as tl
 
+from .launch_config import CHUNK, PackedChunkTable, scan_values, stages, tile_bytes, value_blocks, warps, wide_values
 from .tiles import cast, chunk_decay, chunk_rows, load_rows, mm, sequence_chunks, state_tile
 
 
@@ -63,6 +65,40 @@ def state_fwd_kernel(
         tl.store(ht + (i_n * H + i_h).to(tl.int64) * K * V + kv, b_h, mask=m_kv)
 
 
+def _scan_outputs(x: torch.Tensor, V: int, per_sequence: bool, table: PackedChunkTable):
+    """What a state scan over x's [tokens, heads, K] rows writes: a K x V tile per chunk and a row of V per
+    token (x's dtype), and a float32 K x V state per sequence where asked for (None otherwise)."""
+    TT, H, K = x.shape
+    per_chunk = torch.empty(table.num_chunks, H, K, V, dtype=x.dtype, device=x.device)
+    per_token = torch.empty(TT, H, V, dtype=x.dtype, device=x.device)
+    per_seq = torch.empty(table.num_seqs, H, K, V, dtype=torch.float32, device=x.device) if per_sequence else None
+    return per_chunk, per_token, per_seq
+
+
+def _scan_launch(x: torch.Tensor, V: int, table: PackedChunkTable):
+    """A state scan's block sizes (for its warps), its value blocks, and its grid: one program per
+    (sequence, head, block of value columns)."""
+    blocks = value_blocks(x, V)
+    scan = scan_values(blocks, table.num_seqs, x.shape[1], x.device)
+    return blocks, scan, (table.num_seqs, x.shape[1], triton.cdiv(V, scan["BV"]))
+
+
+def state_fwd(*, k: torch.Tensor, kx: torch.Tensor | None, d: torch.Tensor, beta: torch.Tensor,
+              g_cum: torch.Tensor, w: torch.Tensor, u_tilde: torch.Tensor, initial_state: torch.Tensor | None,
+              output_final_state: bool, table: PackedChunkTable):
+    """The state at each chunk's start and U (the input dtype), and the final states (float32) or None."""
+    L, V = d.shape[-2], d.shape[-1]
+    states, u, final = _scan_outputs(k, V, output_final_state, table)
+    blocks, scan, grid = _scan_launch(k, V, table)
+    # Per chunk: k, w and the extra keys; U~ and the L - 1 extra directions.
+    state_fwd_kernel[grid](
+        k=k, kx=k if kx is None else kx, d=d, beta=beta, g_cum=g_cum, w=w, u_tilde=u_tilde, h0=initial_state,
+        states=states, u=u, ht=final, cu_seqlens=table.cu_seqlens, chunk_offsets=table.chunk_offsets,
+        H=k.shape[1], L=L, C=CHUNK, HAS_H0=initial_state is not None, STORE_FINAL=output_final_state,
+        num_warps=warps("state_fwd", blocks), num_stages=stages(tile_bytes(scan, key=L + 1, value=L)), **scan)
+    return states, u, final
+
+
 @triton.jit
 def du_local_kernel(
     q, k, g_cum, do, du_local, chunks, scale,
@@ -70,7 +106,8 @@ def du_local_kernel(
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr,
 ):
     """dU_local per chunk, head and block of value columns, in float32: rounded to 16 bits here and again
-    as part of dU, it put dg 10% further off the float64 loop on the hardest test inputs."""
+    as part of dU, it put dg measurably further off the float64 loop on the hardest test inputs
+    (docs/PERFORMANCE.md)."""
     i_c, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     _, _, tok, m_c, row = chunk_rows(chunks, i_c, i_h, H, C)
     o_k = tl.arange(0, BK)
@@ -81,6 +118,20 @@ def du_local_kernel(
     b_du = scale * mm(b_pt, load_rows(do, row * V, m_c, o_v, V), IEEE)
     tl.store(du_local + row[:, None] * V + o_v[None, :], cast(b_du, du_local.dtype.element_ty),
              mask=m_c[:, None] & (o_v < V)[None, :])
+
+
+def du_local(*, q: torch.Tensor, k: torch.Tensor, g_cum: torch.Tensor, do: torch.Tensor, scale: float,
+             table: PackedChunkTable) -> torch.Tensor:
+    """dU_local (float32), per token and head."""
+    TT, H, _ = q.shape
+    V = do.shape[-1]
+    out = torch.empty(TT, H, V, dtype=torch.float32, device=q.device)
+    blocks = value_blocks(q, V)
+    wide = wide_values(blocks)
+    du_local_kernel[(table.num_chunks, H, triton.cdiv(V, wide["BV"]))](
+        q=q, k=k, g_cum=g_cum, do=do, du_local=out, chunks=table.chunks, scale=scale, H=H, C=CHUNK,
+        num_warps=warps("du_local", blocks), **wide)
+    return out
 
 
 @triton.jit
@@ -124,3 +175,18 @@ def state_bwd_kernel(
                 - mm(tl.trans(b_w), b_du, IEEE))
     if HAS_H0:
         tl.store(dh0 + (i_n * H + i_h).to(tl.int64) * K * V + kv, b_dh, mask=m_kv)
+
+
+def state_bwd(*, q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, g_cum: torch.Tensor, do: torch.Tensor,
+              du_local: torch.Tensor, dht: torch.Tensor | None, with_initial_state: bool, scale: float,
+              table: PackedChunkTable):
+    """dS at each chunk's end and dU (the input dtype), and the initial states' gradient (float32) or None."""
+    V = do.shape[-1]
+    d_states, du, dh0 = _scan_outputs(q, V, with_initial_state, table)
+    blocks, scan, grid = _scan_launch(q, V, table)
+    state_bwd_kernel[grid](
+        q=q, k=k, w=w, g_cum=g_cum, do=do, du_local=du_local, dht=dht, dh0=dh0, d_states=d_states, du=du,
+        cu_seqlens=table.cu_seqlens, chunk_offsets=table.chunk_offsets, scale=scale, H=q.shape[1], C=CHUNK,
+        HAS_DHT=dht is not None, HAS_H0=with_initial_state,
+        num_warps=warps("state_bwd", blocks), num_stages=stages(tile_bytes(scan, key=3, value=3)), **scan)
+    return d_states, du, dh0

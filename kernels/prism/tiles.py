@@ -93,7 +93,8 @@ def mm(a, b, IEEE: tl.constexpr):
     """a @ b accumulated in float32: bfloat16 operands for 16-bit inputs (the tensor-core rate, and
     half the shared memory of float32 ones), exact float32 products for float32 inputs. (Those compile to
     unrolled FMA loops, slowly at K = 256; tf32x3 products compiled fast on the H200 under Triton 3.6, but
-    put the initial state's gradient 1.1e-2 off at K = V = 128 and needed 288 KiB of shared memory at 256.)"""
+    put the initial state's gradient outside the float32 budget and needed more shared memory than Hopper
+    has at K = 256: docs/PERFORMANCE.md.)"""
     if IEEE:
         c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     elif INTERPRETED:

@@ -6,9 +6,12 @@ state-independent pseudo-values U~ = T (W^1 - sum_l B^l W^l), B^l = strict-lower
 Backward: given dA and dB^l (from local_grad.py), the gradients that flow through the kernel
 matrices A and B^l into k, kx, b1 and G, then dg as the reverse cumsum of dG.
 """
+import torch
 import triton
 import triton.language as tl
 
+from .launch_config import CHUNK, PackedChunkTable, key_blocks, stages, tile_bytes, value_blocks, warps, wide_values
+from .local_grad import ChunkLocalGrads
 from .tiles import cast, chunk_decay, chunk_rows, load_rows, mm
 
 
@@ -43,6 +46,24 @@ def wy_fwd_kernel(
         b_ut = mm(b_T, b_r, IEEE)
         tl.store(u_tilde + row[:, None] * V + o_v[None, :], cast(b_ut, u_tilde.dtype.element_ty),
                  mask=m_c[:, None] & (o_v < V)[None, :])
+
+
+def wy_fwd(*, k: torch.Tensor, kx: torch.Tensor | None, d: torch.Tensor, beta: torch.Tensor, g_cum: torch.Tensor,
+           t_mat: torch.Tensor, table: PackedChunkTable) -> tuple[torch.Tensor, torch.Tensor]:
+    """W^ and U~ (the input dtype), per token and head."""
+    TT, H, K = k.shape
+    L, V = d.shape[-2], d.shape[-1]
+    w = torch.empty(TT, H, K, dtype=k.dtype, device=k.device)
+    u_tilde = torch.empty(TT, H, V, dtype=k.dtype, device=k.device)
+    # The extra keys' kernel matrices B^l are formed once per value block.
+    blocks = wide_values(value_blocks(k, V))
+    # Per value block: the extra keys and the L directions, plus k and the float32 right-hand side.
+    stage_bytes = tile_bytes(blocks, key=L + 1, value=L) + 4 * CHUNK * blocks["BV"]
+    wy_fwd_kernel[(table.num_chunks, H)](
+        k=k, kx=k if kx is None else kx, d=d, beta=beta, g_cum=g_cum, t_mat=t_mat, w=w, u_tilde=u_tilde,
+        chunks=table.chunks, H=H, L=L, C=CHUNK, num_warps=warps("wy_fwd", blocks), num_stages=stages(stage_bytes),
+        **blocks)
+    return w, u_tilde
 
 
 @triton.jit
@@ -98,3 +119,20 @@ def wy_bwd_kernel(
     # G_r = sum_{j <= r} g_j within the chunk, so dg_j = sum_{r >= j} dG_r.
     b_dg = tl.cumsum(b_dG, 0, reverse=True)
     tl.store(dg + row, cast(b_dg, dg.dtype.element_ty), mask=m_c)
+
+
+def wy_bwd(*, k: torch.Tensor, kx: torch.Tensor | None, beta: torch.Tensor, g_cum: torch.Tensor,
+           partial: ChunkLocalGrads, g_dtype: torch.dtype, table: PackedChunkTable):
+    """dk, dkx (None without extra keys), dbeta and dg in their inputs' dtypes, from local_grad.py's partials."""
+    TT, H, _ = k.shape
+    L = beta.shape[-1]
+    dk, dbeta = torch.empty_like(k), torch.empty_like(beta)
+    dkx = torch.empty_like(kx) if kx is not None else dk  # with L = 1 a stand-in that keeps the pointer valid
+    dg = torch.empty(TT, H, dtype=g_dtype, device=k.device)
+    blocks = key_blocks(k)
+    wy_bwd_kernel[(table.num_chunks, H)](
+        k=k, kx=k if kx is None else kx, beta=beta, g_cum=g_cum, d_a=partial.d_a, d_b=partial.d_b,
+        dg_acc=partial.dg, dk_acc=partial.dk, dkx_acc=partial.dkx, dbeta_acc=partial.dbeta,
+        dk=dk, dkx=dkx, dbeta=dbeta, dg=dg, chunks=table.chunks, H=H, L=L, C=CHUNK,
+        num_warps=warps("wy_bwd" if L == 1 else "wy_bwd_extra_keys", blocks), **blocks)
+    return dk, dkx if kx is not None else None, dbeta, dg
