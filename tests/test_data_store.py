@@ -6,10 +6,10 @@ import shutil
 import numpy as np
 import pytest
 
+from data_helpers import write_shard
 from prism_megatron.data_prep import store as store_mod
 from prism_megatron.data_prep.store import (ShardWriter, TokenStore, TokenStoreError,
-                                            read_shard_info, token_dtype_for, write_manifest,
-                                            write_shard)
+                                            read_shard_info, token_dtype_for, write_manifest)
 
 TOKENIZER = {"sha256": "0" * 64, "vocab_size": 1000, "eos_id": 2, "bos_id": 1, "pad_id": 0,
              "path": "synthetic.model"}
