@@ -63,7 +63,7 @@ def startup(workdir: str, num_tokens: int, num_shards: int, seq_length: int,
     """Seconds to the first verified batch and to all shards verified, with a cold marker cache."""
     store = synthetic_store(os.path.join(workdir, f"store-{num_shards}-shards"), num_tokens,
                             num_shards)
-    os.environ["XDG_CACHE_HOME"] = os.path.join(workdir, f"verified-{time.time_ns()}")
+    os.environ["PRISM_VERIFIED_SHARDS"] = os.path.join(workdir, f"verified-{time.time_ns()}")
     dataset = PackedDataset([store], None, seq_length, seed=1, num_samples=1000,
                             cache_dir=os.path.join(workdir, "index-startup"))
     start = time.perf_counter()
@@ -124,7 +124,7 @@ def main() -> None:
     parser.add_argument("--startup-shards", type=int, default=400)
     args = parser.parse_args()
 
-    os.environ.setdefault("XDG_CACHE_HOME", os.path.join(args.workdir, "cache"))
+    os.environ.setdefault("PRISM_VERIFIED_SHARDS", os.path.join(args.workdir, "verified"))
     store = args.store or synthetic_store(os.path.join(args.workdir, "store"), int(args.tokens))
     opened = TokenStore.open(store)
     print(f"store {store}: {opened.num_tokens:,} tokens, {opened.num_documents:,} documents, "

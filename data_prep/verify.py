@@ -5,10 +5,10 @@ first used.
 Stores are checked when the run starts (manifests only, so it is cheap). Shards are verified
 lazily: a background thread hashes them one after another while the run starts and trains, and a
 batch that touches a shard not yet verified waits for that shard alone. A verified shard is
-remembered on the machine by a marker under ``$XDG_CACHE_HOME/prism-megatron/verified-shards``
-(default ``~/.cache``), keyed by the shard's path, its expected digest and the size and mtime of
-each of its files, so a restart verifies nothing twice; a lock per shard lets the ranks of one
-machine share the work.
+remembered on the machine by a marker in ``$PRISM_VERIFIED_SHARDS`` (default
+``$XDG_CACHE_HOME/prism-megatron/verified-shards``, ``~/.cache`` without XDG_CACHE_HOME), keyed
+by the shard's path, its expected digest and the size and mtime of each of its files, so a
+restart verifies nothing twice; a lock per shard lets the ranks of one machine share the work.
 """
 
 from __future__ import annotations
@@ -49,6 +49,8 @@ def open_training_stores(paths: Sequence[str], vocab_size: int) -> list[TokenSto
 
 
 def _cache_dir() -> str:
+    if os.environ.get("PRISM_VERIFIED_SHARDS"):
+        return os.environ["PRISM_VERIFIED_SHARDS"]
     root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(root, "prism-megatron", "verified-shards")
 

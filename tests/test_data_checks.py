@@ -14,7 +14,7 @@ from test_train import BIN, store, write_config  # noqa: F401 (store is a fixtur
 
 
 def prism_train(config, cache, *sets):
-    env = {**os.environ, "XDG_CACHE_HOME": str(cache)}
+    env = {**os.environ, "PRISM_VERIFIED_SHARDS": str(cache)}
     args = [str(BIN / "prism-train"), "--config", str(config)]
     for value in sets:
         args += ["--set", value]
