@@ -13,9 +13,11 @@ from prism_megatron.data_prep.store import TokenStore, write_manifest
 from test_train import BIN, store, write_config  # noqa: F401 (store is a fixture)
 
 
-def prism_train(config, cache, *sets):
+def prism_train(config, cache, *sets, nproc=1):
     env = {**os.environ, "PRISM_VERIFIED_SHARDS": str(cache)}
     args = [str(BIN / "prism-train"), "--config", str(config)]
+    if nproc > 1:
+        args = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", *args]
     for value in sets:
         args += ["--set", value]
     return subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
@@ -34,6 +36,10 @@ def test_stores_that_do_not_fit_the_model_are_refused_before_start_up(tmp_path, 
     refused(prism_train(config, tmp_path, f"data.stores=[{tmp_path / 'nowhere'}]"), "nowhere")
     refused(prism_train(config, tmp_path, "model.vocab_size=256"),
             os.path.join(store, "manifest.json"), "model.vocab_size=256")
+    # Every rank says it in one line (torchrun then adds its own report of the failed ranks).
+    ranks = prism_train(config, tmp_path, "model.vocab_size=256", nproc=2)
+    errors = [line for line in ranks.stderr.splitlines() if line.startswith("prism-train: error:")]
+    assert ranks.returncode == 1 and len(errors) == 2 and "model.vocab_size=256" in errors[1]
     other = tmp_path / "other"
     shutil.copytree(store, other)
     manifest = json.loads((other / "manifest.json").read_text())
