@@ -5,26 +5,41 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
-from prism_megatron.data_prep import tokenize
-from prism_megatron.data_prep.store import TokenStore, TokenStoreError
+from prism_megatron.data_prep import sources, tokenize
+from prism_megatron.data_prep.store import TokenStore, TokenStoreError, merge_stores
 from prism_megatron.data_prep.tokenizer import (Tokenizer, TokenizerError, adopt_tokenizer,
                                                 same_tokenizer, train_tokenizer)
 
 
 SAMPLE_TOKENS = 200
+MIN_SHARD_SIZE_MB = 0.001  # a shard of a few bytes per file is a mistake that fills a disk
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise sources.InputError(message)
+
+
+def _output_directory(path: str) -> None:
+    _require(not os.path.exists(path) or os.path.isdir(path),
+             f"output {path} is a file; it must name a store directory")
 
 
 def _tokenizer(args: argparse.Namespace) -> int:
     if args.adopt:
         if args.inputs:
-            raise tokenize.InputError("give either input files to train on or --adopt MODEL")
+            raise sources.InputError("give either input files to train on or --adopt MODEL")
         path = adopt_tokenizer(args.adopt, args.output)
     else:
         if not args.inputs or args.vocab_size is None:
-            raise tokenize.InputError("training needs input files and --vocab-size")
+            raise sources.InputError("training needs input files and --vocab-size")
+        _require(args.vocab_size >= 1, f"--vocab-size must be at least 1 (got {args.vocab_size})")
+        _require(args.sample_lines >= 1,
+                 f"--sample-lines must be at least 1 (got {args.sample_lines})")
         path = train_tokenizer(args.inputs, args.output, args.vocab_size, args.model_type,
                                args.sample_lines, args.seed, args.special_tokens,
                                args.byte_fallback, args.text_key)
@@ -35,15 +50,22 @@ def _tokenizer(args: argparse.Namespace) -> int:
 
 
 def _tokenize(args: argparse.Namespace) -> int:
+    _require(args.workers >= 1, f"--workers must be at least 1 (got {args.workers})")
+    _require(math.isfinite(args.shard_size_mb) and args.shard_size_mb >= MIN_SHARD_SIZE_MB,
+             f"--shard-size-mb must be at least {MIN_SHARD_SIZE_MB} (got {args.shard_size_mb})")
+    _require(args.num_shards is None or args.num_shards >= 1,
+             f"--num-shards must be at least 1 (got {args.num_shards})")
+    _output_directory(args.output)
     tokenize.tokenize_corpus(args.inputs, args.tokenizer, args.output, workers=args.workers,
                              text_key=args.text_key, num_shards=args.num_shards,
                              shard_index=args.shard_index,
-                             shard_bytes=max(1, int(args.shard_size_mb * 2**20)))
+                             shard_bytes=int(args.shard_size_mb * 2**20))
     return 0
 
 
 def _merge(args: argparse.Namespace) -> int:
-    path = tokenize.merge_stores(args.output, args.stores)
+    _output_directory(args.output)
+    path = merge_stores(args.output, args.stores)
     store = TokenStore.open(path)
     print(f"{path}: {len(store.shards)} shards, {store.num_documents:,} documents, "
           f"{store.num_tokens:,} tokens")
@@ -76,16 +98,17 @@ def _decoded_sample(store: TokenStore, tokenizer_path: str | None, documents: in
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    _require(args.sample >= 0, f"--sample must be at least 0 (got {args.sample})")
     store = TokenStore.open(args.store)
     tok = store.manifest["tokenizer"]
     print(f"{store.manifest_path}: {len(store.shards)} shards, {store.num_documents:,} documents, "
           f"{store.num_tokens:,} tokens ({store.token_dtype})")
     print(f"tokenizer: vocab_size={tok['vocab_size']} eos_id={tok['eos_id']} "
           f"sha256={tok.get('sha256')} path={tok.get('path')}")
-    report_path = os.path.join(store.root, tokenize.REPORT)
+    report_path = os.path.join(store.root, sources.REPORT)
     if os.path.exists(report_path):
         with open(report_path) as f:
-            problems = tokenize.FileReport(**json.load(f)["totals"]).problems()
+            problems = sources.FileReport(**json.load(f)["totals"]).problems()
         print("bad input: " + (", ".join(f"{k}={v}" for k, v in problems.items()) or "none")
               + f" (per file in {report_path})")
     if args.sample:

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from .store import TokenStore, TokenStoreError
+from .verify import ShardVerifier
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +170,8 @@ class PackedDataset:
     """Samples of ``seq_length + 1`` tokens in the global training order (see module docstring).
 
     ``dataset[i]`` -> {"tokens": int64 [seq_length + 1], "doc_starts": int32 positions where a
-    document starts in the sample, always including 0}. The dataset pickles as paths: a worker
+    document starts in the sample, always including 0, "shards": the (store, shard) indices its
+    tokens came from}. The dataset pickles as paths: a worker
     reopens the manifests and memory-maps the cached index itself.
     """
 
@@ -243,7 +245,7 @@ class PackedDataset:
         store, doc_ids, starts = self.stores[j], self._doc_ids[j], self._doc_starts[j]
         shard_starts = self._shard_starts[j]
         position, offset = int(self._sample_position[i]), int(self._sample_offset[i])
-        doc_starts, filled = [0], 0
+        doc_starts, filled, shards = [0], 0, set()
         while filled < length:
             doc = int(doc_ids[position])
             first = int(starts[doc]) + offset
@@ -251,19 +253,22 @@ class PackedDataset:
             take = min(remaining, length - filled)
             if take:
                 shard = int(np.searchsorted(shard_starts, first, side="right")) - 1
+                shards.add((j, shard))
                 tokens[filled:filled + take] = store.read_tokens(
                     shard, first - int(shard_starts[shard]), take)
             filled += remaining + 1  # the EOS after the document is already in `tokens`
             if filled < length:
                 doc_starts.append(filled)
             position, offset = position + 1, 0
-        return {"tokens": tokens, "doc_starts": np.asarray(doc_starts, dtype=np.int32)}
+        return {"tokens": tokens, "doc_starts": np.asarray(doc_starts, dtype=np.int32),
+                "shards": shards}
 
 
 def collate_samples(samples: list[dict[str, np.ndarray]], with_cu_seqlens: bool) -> dict:
     """Stack samples into tokens/labels [batch, seq_length] (and cu_seqlens over the flat batch)."""
     stacked = torch.from_numpy(np.stack([s["tokens"] for s in samples]))
-    batch = {"tokens": stacked[:, :-1].contiguous(), "labels": stacked[:, 1:].contiguous()}
+    batch = {"tokens": stacked[:, :-1].contiguous(), "labels": stacked[:, 1:].contiguous(),
+             "shards": sorted(set().union(*(s["shards"] for s in samples)))}
     if with_cu_seqlens:
         seq_length = stacked.shape[1] - 1
         bounds = [row * seq_length + s["doc_starts"][s["doc_starts"] < seq_length]
@@ -295,17 +300,20 @@ class DistributedBatchLoader:
     ``consumed_samples`` (a global count) until the dataset is exhausted.
 
     The number of consumed samples is the whole loader state to checkpoint; resuming it at any
-    DP size with the same global batch continues the same global order.
+    DP size with the same global batch continues the same global order. With a ``verifier``
+    (verify.ShardVerifier) no batch is handed out before the shards it was read from are verified.
     """
 
     def __init__(self, dataset: PackedDataset, micro_batch_size: int, dp_rank: int, dp_size: int,
-                 consumed_samples: int = 0, num_workers: int = 0, with_cu_seqlens: bool = False):
+                 consumed_samples: int = 0, num_workers: int = 0, with_cu_seqlens: bool = False,
+                 verifier: ShardVerifier | None = None):
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank {dp_rank} not in [0, {dp_size})")
         self.dataset = dataset
         self.batches = _MicroBatches(len(dataset), micro_batch_size, dp_rank, dp_size,
                                      consumed_samples)
         self.num_workers = num_workers
+        self.verifier = verifier
         self.collate = functools.partial(collate_samples, with_cu_seqlens=with_cu_seqlens)
 
     def __len__(self) -> int:
@@ -313,10 +321,14 @@ class DistributedBatchLoader:
 
     def __iter__(self) -> Iterator[dict]:
         if self.num_workers == 0:
-            for ids in self.batches:
-                yield self.collate([self.dataset[g] for g in ids])
-            return
-        # Spawned workers unpickle the dataset as paths and open the stores themselves.
-        yield from torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=self.batches, num_workers=self.num_workers,
-            collate_fn=self.collate, multiprocessing_context="spawn")
+            batches = (self.collate([self.dataset[g] for g in ids]) for ids in self.batches)
+        else:
+            # Spawned workers unpickle the dataset as paths and open the stores themselves.
+            batches = torch.utils.data.DataLoader(
+                self.dataset, batch_sampler=self.batches, num_workers=self.num_workers,
+                collate_fn=self.collate, multiprocessing_context="spawn")
+        for batch in batches:
+            shards = batch.pop("shards")
+            if self.verifier is not None:
+                self.verifier.require(shards)
+            yield batch

@@ -11,12 +11,14 @@ Documents are stored without EOS; the loader inserts it between packed documents
 A shard is written into ``<name>.tmp`` and renamed into place only when complete, so a killed
 writer leaves either a whole shard or a stale ``.tmp`` that the next attempt removes.
 
-Both arrays are uncompressed with one file per chunk (``tokens/c/<k>`` holds tokens
-[k*TOKENS_PER_CHUNK, (k+1)*TOKENS_PER_CHUNK) as raw little-endian integers, the last chunk padded).
-The writer fills one chunk in memory and writes it once, never revisiting a file (a partial zarr
-write would rewrite it). The loader reads samples straight from these files
-(``TokenStore.read_tokens``): zarr's per-call cost (~0.5 ms per chunk touched) is far too high
-for a shuffled stream of short documents, while a plain file read costs microseconds.
+Both arrays are uncompressed with one file per chunk (``tokens/c/<k>`` holds chunk k as raw
+little-endian integers). The writer streams tokens to one flat file and only at commit, when the
+length is known, picks the chunk shape: the fewest chunks of at most ``TOKENS_PER_CHUNK`` tokens,
+as equal as they can be, so the last chunk's padding is less than one token per chunk and a store
+takes on disk what its tokens and offsets take (stores written with fixed, padded chunks read the
+same: the chunk shape is read from each array's metadata). The loader reads samples straight from
+the chunk files (``TokenStore.read_tokens``): zarr's per-call cost is far too high for a shuffled
+stream of short documents.
 """
 
 from __future__ import annotations
@@ -32,17 +34,19 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import zarr
 
+from prism_megatron.data_prep.sources import REPORT, combine_reports, write_report
+from prism_megatron.data_prep.tokenizer import same_tokenizer
 from prism_megatron.files import write_atomic
 
 FORMAT = "prism-token-store"
 VERSION = 1
 MANIFEST = "manifest.json"
 
-# One chunk is the writer's buffer and one file on disk (16 MiB of uint16 tokens): few files for
-# a large corpus, bounded memory per writer.
+# The largest chunk (16 MiB of uint16 tokens): few files for a large corpus.
 TOKENS_PER_CHUNK = 1 << 23
 OFFSETS_PER_CHUNK = 1 << 20
 _RAW_LITTLE_ENDIAN = [{"name": "bytes", "configuration": {"endian": "little"}}]
+_TOKEN_STREAM = "tokens.stream"  # the writer's flat token file inside the .tmp shard
 # verify() hashes a shard in blocks of this many tokens so memory stays bounded.
 VERIFY_BLOCK_TOKENS = 1 << 24
 
@@ -67,6 +71,34 @@ def _little_endian_bytes(array: np.ndarray, dtype: str) -> memoryview:
     return memoryview(np.ascontiguousarray(array, dtype=np.dtype(dtype).newbyteorder("<")))
 
 
+def fitted_chunk(length: int, max_chunk: int) -> int:
+    """The chunk size that cuts ``length`` elements into the fewest chunks of at most
+    ``max_chunk``, as equal as they can be (the last chunk pads less than one element per chunk)."""
+    if length == 0:
+        return 1
+    chunks = -(-length // max_chunk)
+    return -(-length // chunks)
+
+
+def _cut_into_chunks(stream: str, folder: str, length: int, chunk: int, itemsize: int) -> None:
+    """Turn the flat file ``stream`` of ``length`` items into zarr chunk files folder/<k>."""
+    os.makedirs(folder)
+    chunk_bytes = chunk * itemsize
+    count = -(-length // chunk)
+    with open(stream, "rb") as src:
+        src.seek(chunk_bytes)
+        for k in range(1, count):  # chunk 0 is the stream itself, cut short below
+            path = os.path.join(folder, str(k))
+            with open(path, "wb") as dst:
+                dst.write(src.read(chunk_bytes))
+            os.truncate(path, chunk_bytes)  # zero padding of the last chunk
+    if count:
+        os.truncate(stream, chunk_bytes)
+        os.replace(stream, os.path.join(folder, "0"))
+    else:
+        os.remove(stream)
+
+
 class ShardWriter:
     """Streams documents into one shard; ``commit()`` makes it visible.
 
@@ -84,13 +116,9 @@ class ShardWriter:
         self._max_token = np.iinfo(token_dtype).max
         self._tmp = self.path + ".tmp"
         shutil.rmtree(self._tmp, ignore_errors=True)  # left by a killed writer
-        group = zarr.open_group(self._tmp, mode="w", zarr_format=3)
-        self._tokens = group.create_array(
-            "tokens", shape=(0,), dtype=token_dtype, chunks=(TOKENS_PER_CHUNK,),
-            compressors=None, fill_value=0, config={"write_empty_chunks": True})
-        self._group = group
-        self._buffer = np.empty(TOKENS_PER_CHUNK, dtype=token_dtype)
-        self._buffered = 0
+        self._group = zarr.open_group(self._tmp, mode="w", zarr_format=3)
+        self._stream_path = os.path.join(self._tmp, _TOKEN_STREAM)
+        self._stream = open(self._stream_path, "wb")
         self._written = 0
         self._doc_lengths: list[np.ndarray] = []
         self._hash = hashlib.sha256()
@@ -110,35 +138,25 @@ class ShardWriter:
             raise ValueError(f"{self.path}: token ids must lie in [0, {self._max_token}] for "
                              f"{self.token_dtype}, got [{flat.min()}, {flat.max()}]")
         self._doc_lengths.append(lengths)
-        self._add_tokens(flat.astype(self.token_dtype, copy=False))
+        block = _little_endian_bytes(flat, self.token_dtype)
+        self._stream.write(block)
+        self._hash.update(block)
+        self._written += total
 
-    def _add_tokens(self, tokens: np.ndarray) -> None:
-        while len(tokens):
-            take = min(len(tokens), len(self._buffer) - self._buffered)
-            self._buffer[self._buffered:self._buffered + take] = tokens[:take]
-            self._buffered += take
-            tokens = tokens[take:]
-            if self._buffered == len(self._buffer):
-                self._flush()
-
-    def _flush(self) -> None:
-        block = self._buffer[:self._buffered]
-        self._tokens.resize((self._written + len(block),))
-        self._tokens[self._written:] = block
-        self._hash.update(_little_endian_bytes(block, self.token_dtype))
-        self._written += len(block)
-        self._buffered = 0
+    def _create_array(self, name: str, length: int, dtype: str, max_chunk: int) -> zarr.Array:
+        return self._group.create_array(
+            name, shape=(length,), dtype=dtype, chunks=(fitted_chunk(length, max_chunk),),
+            compressors=None, fill_value=0, config={"write_empty_chunks": True})
 
     def commit(self) -> ShardInfo:
-        if self._buffered:
-            self._flush()
+        self._stream.close()
+        tokens = self._create_array("tokens", self._written, self.token_dtype, TOKENS_PER_CHUNK)
+        _cut_into_chunks(self._stream_path, os.path.join(self._tmp, "tokens", "c"), self._written,
+                         tokens.chunks[0], np.dtype(self.token_dtype).itemsize)
         lengths = np.concatenate(self._doc_lengths) if self._doc_lengths else np.empty(0, np.uint64)
         offsets = np.zeros(len(lengths) + 1, dtype=np.uint64)
         np.cumsum(lengths, out=offsets[1:])
-        doc_offsets = self._group.create_array(
-            "doc_offsets", shape=offsets.shape, dtype="uint64", chunks=(OFFSETS_PER_CHUNK,),
-            compressors=None, fill_value=0, config={"write_empty_chunks": True})
-        doc_offsets[:] = offsets
+        self._create_array("doc_offsets", len(offsets), "uint64", OFFSETS_PER_CHUNK)[:] = offsets
         self._hash.update(_little_endian_bytes(offsets, "uint64"))
         info = ShardInfo(self.path, len(lengths), self._written, self._hash.hexdigest())
         # The counts travel with the shard so a resumed run can list finished shards cheaply.
@@ -152,17 +170,8 @@ class ShardWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
+            self._stream.close()
             shutil.rmtree(self._tmp, ignore_errors=True)
-
-
-def write_shard(path: str | os.PathLike, documents: Iterable[Sequence[int] | np.ndarray],
-                token_dtype: str, batch_documents: int = 4096) -> ShardInfo:
-    """Write one shard from an iterable of documents, holding at most one chunk of tokens."""
-    with ShardWriter(path, token_dtype) as writer:
-        documents = iter(documents)
-        while batch := list(itertools.islice(documents, batch_documents)):
-            writer.add_documents(batch)
-        return writer.commit()
 
 
 def read_shard_info(path: str | os.PathLike) -> ShardInfo:
@@ -342,23 +351,48 @@ class TokenStore:
             first, count = first + take, count - take
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
-    def _shard_digest(self, i: int) -> str:
-        tokens, doc_offsets = self.open_shard(i)
-        digest = hashlib.sha256()
-        for start in range(0, tokens.shape[0], VERIFY_BLOCK_TOKENS):
-            block = tokens[start:start + VERIFY_BLOCK_TOKENS]
+    def scan_shard(self, i: int) -> tuple[str, int]:
+        """(sha256 of its contents, largest token id) of shard i, read block by block."""
+        _, doc_offsets = self.open_shard(i)
+        digest, max_id = hashlib.sha256(), -1
+        count = self.shards[i].num_tokens
+        for start in range(0, count, VERIFY_BLOCK_TOKENS):
+            block = self.read_tokens(i, start, min(VERIFY_BLOCK_TOKENS, count - start))
             digest.update(_little_endian_bytes(block, self.token_dtype))
+            max_id = max(max_id, int(block.max()))
         digest.update(_little_endian_bytes(doc_offsets[:], "uint64"))
-        return digest.hexdigest()
+        return digest.hexdigest(), max_id
 
     def verify(self) -> list[str]:
         """Paths of the shards whose contents do not match the manifest's checksum."""
         corrupt = []
         for i, shard in enumerate(self.shards):
             try:
-                ok = self._shard_digest(i) == shard.sha256
+                ok = self.scan_shard(i)[0] == shard.sha256
             except Exception:  # unreadable counts as corrupt; the caller reports the path
                 ok = False
             if not ok:
                 corrupt.append(shard.path)
         return corrupt
+
+
+def merge_stores(output: str, stores: Sequence[str]) -> str:
+    """A store at ``output`` whose manifest lists the shards of ``stores`` in order, in place
+    (relative paths into them); the stores must share a tokenizer. Returns the manifest path."""
+    opened = [TokenStore.open(s) for s in stores]
+    first = opened[0]
+    for store in opened[1:]:
+        if not same_tokenizer(store.manifest["tokenizer"], first.manifest["tokenizer"]):
+            raise TokenStoreError(
+                f"cannot merge {store.manifest_path} with {first.manifest_path}: they were made "
+                f"with different tokenizers ({store.manifest['tokenizer']} vs "
+                f"{first.manifest['tokenizer']})")
+    reports = []
+    for store in opened:
+        path = os.path.join(store.root, REPORT)
+        if os.path.exists(path):
+            with open(path) as f:
+                reports.append(json.load(f)["files"])
+    write_report(output, combine_reports(reports))
+    return write_manifest(output, first.manifest["tokenizer"], first.token_dtype,
+                          [shard for store in opened for shard in store.shards])

@@ -9,12 +9,14 @@ import io
 import math
 import os
 import random
-import shutil
 from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import sentencepiece as spm
 from tqdm import tqdm
+
+from prism_megatron.data_prep.sources import discover_inputs, read_documents
+from prism_megatron.files import write_atomic
 
 # Fixed special ids, so that every tokenizer this project trains agrees on them.
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
@@ -51,11 +53,8 @@ class Tokenizer:
             raise TokenizerError(f"sentencepiece model {self.path} has no EOS piece; the loader "
                                  "separates packed documents with EOS")
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self._processor.Encode(texts, out_type=int, num_threads=1)
-
     def encode_arrays(self, texts: list[str]) -> list[np.ndarray]:
-        """Like encode_batch, as int32 arrays (no Python int per token: the fast path)."""
+        """Each text's token ids, as int32 arrays (no Python int per token)."""
         return self._processor.Encode(texts, out_type="numpy", num_threads=1)
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -110,8 +109,6 @@ def train_tokenizer(inputs: Sequence[str], output: str, vocab_size: int, model_t
     ``inputs`` are files, directories or globs, read as ``prism-prep tokenize`` reads them.
     Returns the path of the written ``.model`` (``output``).
     """
-    from prism_megatron.data_prep.tokenize import discover_inputs, read_documents
-
     if model_type not in ("bpe", "unigram"):
         raise ValueError(f"model_type must be 'bpe' or 'unigram', got {model_type!r}")
     if not output.endswith(".model"):
@@ -139,10 +136,7 @@ def train_tokenizer(inputs: Sequence[str], output: str, vocab_size: int, model_t
     except RuntimeError as e:
         raise ValueError(f"sentencepiece training on {sample_lines} sampled lines of "
                          f"{', '.join(map(str, inputs))} failed: {e}") from e
-    tmp = output + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(model.getvalue())
-    os.replace(tmp, output)
+    write_atomic(output, model.getvalue())
     return output
 
 
@@ -150,7 +144,6 @@ def adopt_tokenizer(model: str, output: str) -> str:
     """Copy an existing sentencepiece model to ``output`` after checking that it loads."""
     Tokenizer(model)
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    tmp = output + ".tmp"
-    shutil.copyfile(model, tmp)
-    os.replace(tmp, output)
+    with open(model, "rb") as f:
+        write_atomic(output, f.read())
     return output

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from prism_megatron.data_prep.store import TokenStoreError
 from prism_megatron.launch import checkpoint
 from prism_megatron.launch.config import ConfigError, RunConfig, load_config, to_dict
 
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cfg = load_config(args.config, args.set)
         train(cfg, resume=args.resume)
-    except (ConfigError, checkpoint.CheckpointError) as e:
+    except (ConfigError, checkpoint.CheckpointError, TokenStoreError) as e:
         sys.exit(f"prism-train: error: {e}")
 
 
@@ -67,6 +68,8 @@ def train(cfg: RunConfig, resume: bool = False, progress=None) -> RunSummary:
         raise checkpoint.CheckpointError(
             f"{ckpt_dir} already holds checkpoints (newest {checkpoint.committed(ckpt_dir)[-1].name}); "
             "pass --resume to continue that run, or choose another checkpoint.dir")
+    from prism_megatron.data_prep.verify import ShardVerifier, open_training_stores
+    stores = open_training_stores(cfg.data.stores, cfg.model.vocab_size)  # fit the model, or fail fast
 
     # Without a GPU, megatron-core warns at import that fused kernels are missing, and DeepSpeed that
     # it picked the CPU: expected here, noise in every run's output.
@@ -128,11 +131,12 @@ def train(cfg: RunConfig, resume: bool = False, progress=None) -> RunSummary:
         progress(f"no complete checkpoint in {ckpt_dir}: starting from scratch")
 
     d = cfg.data
+    verifier = ShardVerifier(stores, cfg.model.vocab_size)  # checksums, in the background
     train_data = PackedDataset(d.stores, d.weights, d.seq_length, t.seed, t.train_steps * t.global_batch_size,
                                split="train", valid_fraction=d.valid_fraction)
     batches = iter(DistributedBatchLoader(train_data, t.micro_batch_size, dp_rank, dp_size,
                                           consumed_samples=state.consumed_samples,
-                                          num_workers=d.num_workers, with_cu_seqlens=d.with_cu_seqlens))
+                                          num_workers=d.num_workers, with_cu_seqlens=d.with_cu_seqlens, verifier=verifier))
     # The same held-out samples at every evaluation, so the val curve compares like with like.
     eval_samples = cfg.logging.eval_steps * t.micro_batch_size * dp_size
     valid_data = PackedDataset(d.stores, d.weights, d.seq_length, t.seed, eval_samples,
@@ -143,7 +147,7 @@ def train(cfg: RunConfig, resume: bool = False, progress=None) -> RunSummary:
         total = torch.zeros((), dtype=torch.float64, device=engine.device)
         with torch.no_grad():
             loader = DistributedBatchLoader(valid_data, t.micro_batch_size, dp_rank, dp_size,
-                                            with_cu_seqlens=d.with_cu_seqlens)
+                                            with_cu_seqlens=d.with_cu_seqlens, verifier=verifier)
             for _, batch in zip(range(cfg.logging.eval_steps), loader):
                 total += forward(engine, batch).double()
         engine.train()

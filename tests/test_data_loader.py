@@ -9,7 +9,8 @@ import torch.multiprocessing as mp
 import zarr
 
 from prism_megatron.data_prep.loader import DistributedBatchLoader, PackedDataset
-from prism_megatron.data_prep.store import TokenStoreError, write_manifest, write_shard
+from data_helpers import write_shard
+from prism_megatron.data_prep.store import TokenStoreError, write_manifest
 
 EOS = 2
 SEQ = 16

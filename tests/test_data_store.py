@@ -5,11 +5,12 @@ import shutil
 
 import numpy as np
 import pytest
+import zarr
 
+from data_helpers import write_shard
 from prism_megatron.data_prep import store as store_mod
 from prism_megatron.data_prep.store import (ShardWriter, TokenStore, TokenStoreError,
-                                            read_shard_info, token_dtype_for, write_manifest,
-                                            write_shard)
+                                            read_shard_info, token_dtype_for, write_manifest)
 
 TOKENIZER = {"sha256": "0" * 64, "vocab_size": 1000, "eos_id": 2, "bos_id": 1, "pad_id": 0,
              "path": "synthetic.model"}
@@ -131,3 +132,38 @@ def test_verify_names_corrupt_shards(tmp_path, small_buffers):
     os.truncate(chunk, 4)
     with pytest.raises(TokenStoreError, match="truncated"):
         store.read_tokens(1, 0, 10)
+
+
+def disk_bytes(folder):
+    return sum(os.path.getsize(os.path.join(root, name))
+               for root, _, names in os.walk(folder) for name in names)
+
+
+def test_a_shard_takes_on_disk_what_its_tokens_and_offsets_take(tmp_path):
+    one = write_shard(tmp_path / "one.zarr", [np.arange(3, 103)], "uint16")
+    # 100 tokens and 2 offsets; the rest is zarr's metadata (about 1.5 KB over three files).
+    assert disk_bytes(tmp_path / "one.zarr") < 200 + 16 + 4096
+    docs = make_documents(9, 3000, max_len=400)
+    many = write_shard(tmp_path / "many.zarr", docs, "uint16")
+    data = 2 * many.num_tokens + 8 * (many.num_documents + 1)
+    assert data <= disk_bytes(tmp_path / "many.zarr") < data + 4096
+    assert one.num_tokens == 100
+
+
+def test_stores_with_fixed_padded_chunks_still_read(tmp_path):
+    """Stores written before chunks were fitted to the data: 16-token chunks, the last padded."""
+    docs = make_documents(10, 9)
+    flat = np.concatenate(docs).astype("uint16")
+    offsets = np.cumsum([0] + [len(d) for d in docs]).astype("uint64")
+    path = tmp_path / "shards" / "00000.zarr"
+    group = zarr.open_group(path, mode="w", zarr_format=3)
+    for name, values, chunk in (("tokens", flat, 16), ("doc_offsets", offsets, 8)):
+        group.create_array(name, shape=values.shape, dtype=values.dtype, chunks=(chunk,),
+                           compressors=None, fill_value=0,
+                           config={"write_empty_chunks": True})[:] = values
+    digest = hashlib.sha256(flat.astype("<u2").tobytes() + offsets.astype("<u8").tobytes())
+    info = store_mod.ShardInfo(str(path), len(docs), len(flat), digest.hexdigest())
+    write_manifest(tmp_path, TOKENIZER, "uint16", [info])
+    store = TokenStore.open(tmp_path)
+    np.testing.assert_array_equal(store.read_tokens(0, 0, len(flat)), flat)
+    assert store.verify() == [] and store.scan_shard(0) == (info.sha256, int(flat.max()))

@@ -82,8 +82,8 @@ def test_reservoir_sample_is_seeded_and_uniform():
 def test_tokenizer_is_lossless_with_special_tokens_and_adoptable(tokenizer, tmp_path):
     tok = Tokenizer(tokenizer)
     text = "def f(x):\n    return x  # two  spaces\n\ncafé ✓"
-    assert tok.decode(tok.encode_batch([text])[0]) == text
-    sep = tok.encode_batch(["<|sep|>"])[0]
+    assert tok.decode(tok.encode_arrays([text])[0]) == text
+    sep = tok.encode_arrays(["<|sep|>"])[0]
     assert len([i for i in sep if tok.decode([i]) == "<|sep|>"]) == 1
 
     adopted = tmp_path / "adopted.model"
@@ -286,3 +286,24 @@ def test_bad_arguments_give_clear_errors(tokenizer, tmp_path):
     assert unsupported.returncode == 1 and "notes.csv" in unsupported.stderr
     no_store = prep("inspect", tmp_path / "s2", check=False)
     assert no_store.returncode == 1 and "manifest" in no_store.stderr
+
+
+def refused(result, *names):
+    """A one-line error naming ``names``, exit code 1, no traceback."""
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
+    assert all(str(name) in result.stderr for name in names), result.stderr
+
+
+def test_options_out_of_range_are_refused(tokenizer, tmp_path):
+    (tmp_path / "in.txt").write_text("one document\n")
+    (tmp_path / "a-file").write_text("not a store")
+    args = [tmp_path / "in.txt", "--tokenizer", tokenizer]
+    for option, value in [("--shard-size-mb", -1), ("--shard-size-mb", 0), ("--shard-size-mb", "nan"),
+                          ("--workers", 0), ("--num-shards", 0)]:
+        result = prep("tokenize", *args, "--output", tmp_path / "s", option, value, check=False)
+        refused(result, option, value)
+    refused(prep("tokenize", *args, "--output", tmp_path / "a-file", check=False), "a-file")
+    refused(prep("merge", tmp_path / "a-file", tmp_path / "s", check=False), "a-file")
+    refused(prep("inspect", tmp_path / "s", "--sample", -1, check=False), "--sample")
+    assert not (tmp_path / "s").exists()
