@@ -8,6 +8,7 @@ value must have the field's type, and `validate` checks the values that make sen
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -92,11 +93,13 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
     """Read a YAML run config, apply `section.key=value` overrides, and validate the result."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the config file ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start} is {e.object[e.start]:#04x})") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise ConfigError(f"{path}: not valid YAML: {_one_line(e)}") from None
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
@@ -124,7 +127,7 @@ def apply_override(cfg: RunConfig, item: str) -> None:
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{source}: the value is not valid YAML: {e}") from None
+        raise ConfigError(f"{source}: the value is not valid YAML: {_one_line(e)}") from None
     setattr(target, name, _coerce(value, _field_types(type(target))[name], source, key.strip()))
 
 
@@ -139,8 +142,14 @@ def validate(cfg: RunConfig, source: str) -> None:
         cfg.model.validate()
     except ValueError as e:
         raise ConfigError(f"{source}: {e}") from None
-    check(cfg.parallel.tensor_model_parallel_size >= 1, "parallel.tensor_model_parallel_size", "must be >= 1")
+    tp = cfg.parallel.tensor_model_parallel_size
+    check(tp >= 1, "parallel.tensor_model_parallel_size", "must be >= 1")
     d, o, t, c, lg = cfg.data, cfg.optim, cfg.training, cfg.checkpoint, cfg.logging
+    # Tensor parallelism splits whole heads, the MLP's hidden units and, with sequence
+    # parallelism, the sequence: each must divide by the TP size.
+    for key, size in (("model.num_heads", cfg.model.num_heads), ("model.ffn_hidden_size", cfg.model.ffn_hidden_size),
+                      *([("data.seq_length", d.seq_length)] if cfg.parallel.sequence_parallel else [])):
+        check(size % tp == 0, key, f"{size} does not divide by parallel.tensor_model_parallel_size={tp}")
     check(len(d.stores) > 0, "data.stores", "name at least one token store")
     check(d.weights is None or len(d.weights) == len(d.stores), "data.weights",
           f"give one weight per store ({len(d.stores)}), got {len(d.weights or [])}")
@@ -213,8 +222,27 @@ def _coerce(value: Any, kind: Any, source: str, name: str) -> Any:
     # bool is an int to Python; a YAML `true` for an int field (or 1 for a bool) is a mistake.
     if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    # YAML 1.1 reads 1e-3 (no dot) as a string; a string that is a finite number is meant as one.
+    if kind is float and isinstance(value, str) and _is_finite_number(value):
+        return float(value)
     if kind is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if kind in (bool, str) and isinstance(value, kind):
         return value
     raise ConfigError(f"{source}: {name}: expected {kind.__name__}, got {value!r}")
+
+
+def _is_finite_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
+
+
+def _one_line(error: yaml.YAMLError) -> str:
+    """PyYAML's multi-line message as one line: what is wrong, and where (line:column)."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None)
+    if mark is None or problem is None:
+        return " ".join(str(error).split())
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"

@@ -18,12 +18,13 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
 
 from prism_megatron.data_prep.store import TokenStoreError
-from prism_megatron.launch import checkpoint
+from prism_megatron.launch import checkpoint, preflight
 from prism_megatron.launch.config import ConfigError, RunConfig, load_config, to_dict
 
 log = logging.getLogger("prism-train")
@@ -50,20 +51,28 @@ def main(argv: list[str] | None = None) -> None:
                         help="override one config value, e.g. --set optim.lr=1e-3 (repeatable)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the newest complete checkpoint in checkpoint.dir (if any)")
+    parser.add_argument("--allow-change", action="append", default=[], metavar="KEY",
+                        help="with --resume: accept a change of KEY (e.g. data.stores) from the checkpoint's "
+                             "config that makes the continuation another run (repeatable)")
     args = parser.parse_args(argv)
+    if args.allow_change and not args.resume:
+        parser.error("--allow-change applies only with --resume")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     try:
         cfg = load_config(args.config, args.set)
-        train(cfg, resume=args.resume)
+        train(cfg, resume=args.resume, allow_change=args.allow_change)
     except (ConfigError, checkpoint.CheckpointError, TokenStoreError) as e:
         sys.exit(f"prism-train: error: {e}")
 
 
-def train(cfg: RunConfig, resume: bool = False, progress=None) -> RunSummary:
-    """Train as `cfg` says; rank 0 hands its progress lines to `progress` (default: the log)."""
+def train(cfg: RunConfig, resume: bool = False, progress=None, allow_change: Sequence[str] = ()) -> RunSummary:
+    """Train as `cfg` says; rank 0 hands its progress lines to `progress` (default: the log).
+    A resumed run may change the keys in `allow_change` from the checkpoint's config."""
     ckpt_dir = Path(cfg.checkpoint.dir)
-    # Pick (and check) the checkpoint before any heavy start-up, so a bad one fails fast.
+    # Check the inputs, and pick (and check) the checkpoint, before any heavy start-up: bad ones fail fast.
+    preflight.check_start(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     start_from = checkpoint.newest(ckpt_dir) if resume else None
+    config_changes = preflight.check_resume(cfg, start_from, allow_change) if start_from is not None else ""
     if not resume and checkpoint.committed(ckpt_dir):
         raise checkpoint.CheckpointError(
             f"{ckpt_dir} already holds checkpoints (newest {checkpoint.committed(ckpt_dir)[-1].name}); "
@@ -127,6 +136,8 @@ def train(cfg: RunConfig, resume: bool = False, progress=None) -> RunSummary:
     if start_from is not None:
         state = checkpoint.load(engine, start_from)
         progress(f"resumed from {start_from} at step {state.step} ({state.consumed_samples} samples consumed)")
+        if config_changes:
+            progress(config_changes)
     elif resume:
         progress(f"no complete checkpoint in {ckpt_dir}: starting from scratch")
 

@@ -60,12 +60,21 @@ def write_config(folder: Path, store: str, **sections) -> Path:
     return path
 
 
-def losses(folder: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_metrics(folder / "tb") if "loss" in r}
+def losses(folder: Path, tb: str = "tb") -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(folder / tb) if "loss" in r}
 
 
-def val_losses(folder: Path) -> dict[int, float]:
-    return {r["step"]: r["val_loss"] for r in read_metrics(folder / "tb") if "val_loss" in r}
+def val_losses(folder: Path, tb: str = "tb") -> dict[int, float]:
+    return {r["step"]: r["val_loss"] for r in read_metrics(folder / tb) if "val_loss" in r}
+
+
+def fails_with(result, *words):
+    """A refusal as a user sees it: a non-zero exit, one error line naming `words`, no traceback."""
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("prism-train: error:")]
+    assert all(word in line for word in words), line
 
 
 def test_config_errors_name_the_file_and_the_key(tmp_path):
@@ -86,6 +95,41 @@ def test_config_errors_name_the_file_and_the_key(tmp_path):
     assert result.returncode != 0 and "training.zero_stage" in result.stderr
     result = prism_train("--config", tmp_path / "missing.yaml", check=False)
     assert result.returncode != 0 and "missing.yaml" in result.stderr
+
+
+def test_numbers_yaml_reads_as_strings_are_floats(tmp_path):
+    """YAML 1.1 reads 1e-3 (no dot) as a string; as a float field's value it is the number."""
+    config = write_config(tmp_path, "unused", optim={"lr": "3e-3"})
+    assert "lr: 3e-3" in config.read_text()
+    assert load_config(config, ["optim.eps=1e-9"]).optim.lr == 3e-3
+    # The --help example: accepted, so the error is the next problem, the store.
+    fails_with(prism_train("--config", config, "--set", "optim.lr=1e-3", check=False), "data.stores[0]", "unused")
+    fails_with(prism_train("--config", config, "--set", "optim.lr=fast", check=False), "optim.lr", "expected float")
+
+
+def test_bad_input_is_one_line_before_start_up(tmp_path, store):
+    """Each mistake is refused before the model is built, in one line naming the file or the key."""
+    config = write_config(tmp_path, store)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    cases = [
+        (["--set", f"data.stores=[{tmp_path / 'nowhere'}]"], ["data.stores[0]", "nowhere", "does not exist"]),
+        (["--set", f"data.stores=[{tmp_path}]"], ["data.stores[0]", "manifest.json"]),
+        (["--set", "parallel.tensor_model_parallel_size=2"], ["parallel.tensor_model_parallel_size=2", "(1)"]),
+        (["--set", "parallel.tensor_model_parallel_size=2", "--set", "model.num_heads=3"], ["model.num_heads"]),
+        (["--set", f"checkpoint.dir={a_file}"], ["checkpoint.dir", "a_file", "not a folder"]),
+        (["--set", f"logging.tensorboard_dir={a_file / 'tb'}"], ["logging.tensorboard_dir", "a_file"]),
+    ]
+    for args, words in cases:
+        fails_with(prism_train("--config", config, *args, check=False), *words)
+    assert not (tmp_path / "ckpt").exists()
+
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("data: [\n")
+    fails_with(prism_train("--config", broken, check=False), str(broken), "line 2")
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe")
+    fails_with(prism_train("--config", binary, check=False), str(binary), "UTF-8")
 
 
 def test_presets_load_and_schedule_shape():
@@ -117,11 +161,16 @@ def test_train_deterministic_and_resumes_bitwise(tmp_path, store):
     assert losses(second) == reference and val_losses(second) == val_losses(first)
 
     # A crash while saving step 6 leaves it uncommitted: --resume continues from step 3 and
-    # reproduces steps 4..6 of the uninterrupted run exactly.
+    # reproduces steps 4..6 of the uninterrupted run exactly. The resumed run logs to a folder of
+    # its own, so what is read back is what it trained (a new tensorboard_dir is a safe change).
     (second / "ckpt" / "step_00000006" / COMPLETE).unlink()
-    result = prism_train("--config", write_config(second, store), "--resume")
+    result = prism_train("--config", write_config(second, store), "--resume",
+                         "--set", f"logging.tensorboard_dir={second / 'tb_resumed'}")
     assert "resumed from" in result.stdout and "step_00000003" in result.stdout
-    assert losses(second) == reference and val_losses(second) == val_losses(first)
+    assert "logging.tensorboard_dir" in result.stdout
+    assert losses(second, "tb_resumed") == {step: reference[step] for step in (4, 5, 6)}
+    assert val_losses(second, "tb_resumed") == {6: val_losses(first)[6]}
+    assert (second / "ckpt" / "step_00000006" / COMPLETE).is_file()
 
     # Starting afresh over committed checkpoints would lose them: refused.
     result = prism_train("--config", write_config(second, store), check=False)
@@ -133,6 +182,40 @@ def test_train_deterministic_and_resumes_bitwise(tmp_path, store):
     result = prism_train("--config", write_config(first, store), "--resume", check=False)
     assert result.returncode != 0
     assert str(victim) in result.stderr and "corrupt" in result.stderr
+
+
+def test_resume_refuses_another_run_unless_allowed(tmp_path, store):
+    """A resume compares its config with the checkpoint's run_config.json: a change that makes the
+    continuation another run is refused with the differences listed, unless named; a safe one
+    passes with a line saying so."""
+    prism_train("--config", write_config(tmp_path, store, training={"train_steps": 3}))
+    config = write_config(tmp_path / "again", store, checkpoint={"dir": str(tmp_path / "ckpt")},
+                          training={"train_steps": 5})
+
+    def resume(*args):
+        return prism_train("--config", config, "--resume", *args, check=False)
+
+    record = str(tmp_path / "ckpt" / "step_00000003" / "run_config.json")
+    fails_with(resume("--set", "data.seq_length=64", "--set", "training.seed=8"),
+               record, "data.seq_length: 32 -> 64", "training.seed: 7 -> 8", "--allow-change")
+    fails_with(resume("--set", "training.seed=8", "--set", f"data.stores=[{store},{store}]",
+                      "--allow-change", "training.seed"), "data.stores")
+    fails_with(resume("--set", "training.global_batch_size=8"), "training.global_batch_size: 4 -> 8")
+    fails_with(resume("--set", "training.train_steps=2"), "training.train_steps=2", "step_00000003")
+    fails_with(resume("--allow-change", "optim.learning_rate"), "optim.learning_rate")
+    fails_with(prism_train("--config", config, "--allow-change", "training.seed", check=False), "--resume")
+
+    # Named, the seed may change; more steps and another micro batch pass on their own. The resumed
+    # run trains steps 4 and 5 (read from its own metrics) and says which keys changed.
+    result = resume("--set", "training.seed=8", "--allow-change", "training.seed",
+                    "--set", "training.micro_batch_size=4")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith("config changed since")]
+    for change in ("training.seed: 7 -> 8", "training.train_steps: 3 -> 5", "training.micro_batch_size: 2 -> 4",
+                   "logging.tensorboard_dir"):
+        assert change in line
+    assert sorted(losses(tmp_path / "again")) == [4, 5]
+    assert sorted(val_losses(tmp_path / "again")) == [5]
 
 
 def test_two_data_parallel_ranks_match_one(tmp_path, store):
