@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import time
 from collections.abc import Iterator, Sequence
 
@@ -319,4 +320,12 @@ class DistributedBatchLoader:
         # Spawned workers unpickle the dataset as paths and open the stores themselves.
         yield from torch.utils.data.DataLoader(
             self.dataset, batch_sampler=self.batches, num_workers=self.num_workers,
-            collate_fn=self.collate, multiprocessing_context="spawn")
+            collate_fn=self.collate, multiprocessing_context="spawn",
+            worker_init_fn=_ignore_stop_signals)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Preemption signals reach the whole process group; the training process decides when to stop
+    (and stops its workers), so a worker killed by one must not break the batch in flight."""
+    for signum in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
