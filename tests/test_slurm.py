@@ -212,7 +212,7 @@ def test_prep_array_and_merge_make_the_store_of_one_tokenize(slurm, tmp_path):
     corpus = tmp_path / "corpus.jsonl"
     write_jsonl(corpus, stdlib_documents(300_000))
     from prism_megatron.data_prep.tokenizer import train_tokenizer
-    tok = train_tokenizer([str(corpus)], str(tmp_path / "tok.model"), 300, sample_lines=5000, seed=0)
+    tok = train_tokenizer([str(corpus)], str(tmp_path / "tok.model"), 512, sample_lines=5000, seed=0)
     options = ["--shard-size-mb", "0.05"]
     subprocess.run([BIN / "prism-prep", "tokenize", corpus, "--tokenizer", tok, "--output",
                     tmp_path / "single", "--workers", "1", *options], check=True, capture_output=True, env=slurm)
