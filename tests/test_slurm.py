@@ -34,7 +34,8 @@ DAEMONS = ("munged", "slurmctld", "slurmd")
 @pytest.fixture(scope="session")
 def slurm(tmp_path_factory):
     """The environment for Slurm commands (SLURM_CONF) of a 2-node cluster on this host."""
-    if not all(shutil.which(d) for d in DAEMONS):
+    search = f"{os.environ['PATH']}:/usr/sbin:/sbin"
+    if not all(shutil.which(d, path=search) for d in DAEMONS):
         if os.environ.get("CI") == "true":
             pytest.fail("slurm-wlm and munge are not installed (.ci/run installs them)")
         pytest.skip("slurm-wlm and munge are not installed (apt-get install slurm-wlm munge)")
@@ -78,14 +79,14 @@ NodeName=n2 NodeHostname={host} NodeAddr=127.0.0.1 Port={d2_port} CPUs=2 RealMem
 PartitionName=test Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 """)
     (root / "cgroup.conf").write_text("CgroupPlugin=cgroup/v1\nIgnoreSystemd=yes\n")
-    env = {**os.environ, "SLURM_CONF": str(conf), "PATH": f"{BIN}:{os.environ['PATH']}",
+    env = {**os.environ, "SLURM_CONF": str(conf), "PATH": f"{BIN}:{search}",
            "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    subprocess.run(["munged", f"--socket={root}/munge.sock", f"--pid-file={root}/munged.pid",
+    subprocess.run([shutil.which("munged", path=search), f"--socket={root}/munge.sock", f"--pid-file={root}/munged.pid",
                     f"--log-file={root}/log/munged.log", f"--seed-file={root}/munge.seed",
                     f"--key-file={key}", "--force"], check=True)
-    subprocess.run(["slurmctld", "-f", str(conf)], check=True, env=env)
+    subprocess.run([shutil.which("slurmctld", path=search), "-f", str(conf)], check=True, env=env)
     for node in ("n1", "n2"):
-        subprocess.run(["slurmd", "-f", str(conf), "-N", node], check=True, env=env)
+        subprocess.run([shutil.which("slurmd", path=search), "-f", str(conf), "-N", node], check=True, env=env)
     deadline = time.monotonic() + 60
     while "idle" not in sinfo(env):
         assert time.monotonic() < deadline, f"the test cluster did not come up: {sinfo(env)}"
@@ -132,9 +133,8 @@ def train_job(env, folder: Path, config: Path) -> int:
                   REPO / "slurm" / "train.sbatch", config, cwd=folder)
 
 
-def job_config(folder: Path, store_path: str, **training) -> Path:
-    return write_config(folder, store_path, training={"train_steps": STEPS, "micro_batch_size": 2,
-                                                      "global_batch_size": 4, **training},
+def job_config(folder: Path, store_path: str) -> Path:
+    return write_config(folder, store_path, training={"train_steps": STEPS},
                         checkpoint={"save_interval": 1000}, logging={"eval_interval": 10})
 
 
