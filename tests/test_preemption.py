@@ -1,11 +1,13 @@
 """`prism-train` stopping on purpose, without Slurm: `training.nonfinite` skip and stop (in fp32
 and bf16: the same skipped updates in both), and SIGTERM to the whole process group (as Ctrl-C or
-a node drain sends it, loader workers included): save, exit 75, resume step for step."""
+a node drain sends it, loader workers included): save, exit 75, resume step for step; a hung rank
+ends the run within training.fault_timeout."""
 import re
 import signal
 import subprocess
 import time
 
+import psutil
 import pytest
 import torch
 
@@ -72,3 +74,28 @@ def test_sigterm_to_the_process_group_saves_and_resumes(tmp_path, store):
     assert 3 <= stopped_at < steps
     prism_train("--config", config, "--resume")
     assert losses(run) == losses(reference)
+
+
+def test_a_hung_rank_ends_the_run_within_the_fault_timeout(tmp_path, store):
+    """Rank 1 frozen (SIGSTOP) mid-run: rank 0 gives up after training.fault_timeout, and torchrun
+    exits non-zero instead of waiting for the default collective timeout."""
+    fault_timeout = 15
+    config = write_config(tmp_path, store, training={"train_steps": 200, "fault_timeout": fault_timeout})
+    proc = subprocess.Popen([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", str(BIN / "prism-train"),
+                             "--config", str(config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "tb" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not metrics.exists() or '"step": 2,' not in metrics.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    ranks = {p.environ().get("RANK"): p for p in psutil.Process(proc.pid).children() if "prism-train" in " ".join(p.cmdline())}
+    ranks["1"].send_signal(signal.SIGSTOP)
+    frozen = time.monotonic()
+    ranks["0"].wait(timeout=fault_timeout + 60)
+    gave_up = time.monotonic() - frozen
+    ranks["1"].kill()  # torchrun would wait 30 s for a stopped process to take its SIGTERM
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0, out[-3000:]
+    assert "rank 0: no progress for" in out or "Timed out" in out or "timed out" in out, out[-3000:]
+    # The bound the configuration promises, not a performance figure.
+    assert gave_up < fault_timeout + 30
