@@ -2,6 +2,7 @@
 and bf16: the same skipped updates in both), and SIGTERM to the whole process group (as Ctrl-C or
 a node drain sends it, loader workers included): save, exit 75, resume step for step; a hung rank
 ends the run within training.fault_timeout."""
+import os
 import re
 import signal
 import subprocess
@@ -66,7 +67,7 @@ def test_sigterm_to_the_process_group_saves_and_resumes(tmp_path, store):
     while not (run / "tb" / "metrics.jsonl").exists() or '"step": 3,' not in (run / "tb" / "metrics.jsonl").read_text():
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.1)
-    signal.killpg(proc.pid, signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == REQUEUE_EXIT, err[-3000:]
     assert "stop requested (SIGTERM)" in out and "exit code 75" in err
