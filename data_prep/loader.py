@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import time
 from collections.abc import Iterator, Sequence
 
@@ -326,9 +327,17 @@ class DistributedBatchLoader:
             # Spawned workers unpickle the dataset as paths and open the stores themselves.
             batches = torch.utils.data.DataLoader(
                 self.dataset, batch_sampler=self.batches, num_workers=self.num_workers,
-                collate_fn=self.collate, multiprocessing_context="spawn")
+                collate_fn=self.collate, multiprocessing_context="spawn",
+                worker_init_fn=_ignore_stop_signals)
         for batch in batches:
             shards = batch.pop("shards")
             if self.verifier is not None:
                 self.verifier.require(shards)
             yield batch
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Preemption signals reach the whole process group; the training process decides when to stop
+    (and stops its workers), so a worker killed by one must not break the batch in flight."""
+    for signum in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)

@@ -57,6 +57,13 @@ class TrainingConfig:
     zero_stage: int = 1
     # "auto": bf16 where the device supports it, fp32 otherwise.
     precision: str = "auto"
+    # A step whose loss or gradient norm is not finite is never applied. "skip": count it, log it,
+    # go on; "stop": exit non-zero after nonfinite_patience of them in a row.
+    nonfinite: str = "skip"
+    nonfinite_patience: int = 3
+    # Seconds without progress (a step, an evaluation batch, a save) before a rank gives up on a
+    # peer that died or hangs; also the collectives' timeout.
+    fault_timeout: float = 900.0
 
 
 @dataclass
@@ -87,6 +94,7 @@ class RunConfig:
 
 
 PRECISIONS = ("auto", "bf16", "fp32")
+NONFINITE_MODES = ("skip", "stop")
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
@@ -173,6 +181,9 @@ def validate(cfg: RunConfig, source: str) -> None:
     # ZeRO-0 in fp32 reports no gradient norm, and ZeRO-1 costs it nothing on one rank.
     check(t.zero_stage in (1, 2, 3), "training.zero_stage", "must be 1, 2 or 3")
     check(t.precision in PRECISIONS, "training.precision", f"must be one of {PRECISIONS}")
+    check(t.nonfinite in NONFINITE_MODES, "training.nonfinite", f"must be one of {NONFINITE_MODES}")
+    check(t.nonfinite_patience > 0, "training.nonfinite_patience", "must be > 0")
+    check(t.fault_timeout > 0, "training.fault_timeout", "must be > 0 (seconds)")
     check(bool(c.dir), "checkpoint.dir", "must name a folder")
     check(c.save_interval > 0, "checkpoint.save_interval", "must be > 0")
     check(c.keep_last >= 0, "checkpoint.keep_last", "must be >= 0 (0 keeps all)")

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from prism_megatron.data_prep.store import TokenStoreError
-from prism_megatron.launch import checkpoint, preflight
+from prism_megatron.launch import checkpoint, preemption, preflight
 from prism_megatron.launch.config import ConfigError, RunConfig, load_config, to_dict
 
 log = logging.getLogger("prism-train")
@@ -61,8 +61,14 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cfg = load_config(args.config, args.set)
         train(cfg, resume=args.resume, allow_change=args.allow_change)
+    except preemption.RunStopped as e:
+        preemption.write_status(e.exit_code, str(e))
+        print(f"prism-train: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
     except (ConfigError, checkpoint.CheckpointError, TokenStoreError) as e:
+        preemption.write_status(1, str(e))
         sys.exit(f"prism-train: error: {e}")
+    preemption.write_status(0, "finished")
 
 
 def train(cfg: RunConfig, resume: bool = False, progress=None, allow_change: Sequence[str] = ()) -> RunSummary:
@@ -71,6 +77,8 @@ def train(cfg: RunConfig, resume: bool = False, progress=None, allow_change: Seq
     ckpt_dir = Path(cfg.checkpoint.dir)
     # Check the inputs, and pick (and check) the checkpoint, before any heavy start-up: bad ones fail fast.
     preflight.check_start(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    # From here on a preemption signal only sets a flag, which the loop checks once a step.
+    stop = preemption.StopRequest()
     start_from = checkpoint.newest(ckpt_dir) if resume else None
     config_changes = preflight.check_resume(cfg, start_from, allow_change) if start_from is not None else ""
     if not resume and checkpoint.committed(ckpt_dir):
@@ -93,7 +101,7 @@ def train(cfg: RunConfig, resume: bool = False, progress=None, allow_change: Seq
 
     ds_logger.setLevel(logging.WARNING)
     # A bare call becomes rank 0 of 1 (and sets RANK etc., which DeepSpeed needs to skip MPI discovery).
-    initialize_parallel(cfg.parallel, cfg.training.seed)
+    initialize_parallel(cfg.parallel, cfg.training.seed, timeout=cfg.training.fault_timeout)
     mpu = deepspeed_mpu()
     dp_rank, dp_size = mpu.get_data_parallel_rank(), mpu.get_data_parallel_world_size()
     rank0 = dist.get_rank() == 0
@@ -121,7 +129,8 @@ def train(cfg: RunConfig, resume: bool = False, progress=None, allow_change: Seq
             "gradient_accumulation_steps": grad_accum,
             "gradient_clipping": o.grad_clip,
             "zero_optimization": {"stage": t.zero_stage},
-            "bf16": {"enabled": bf16},
+            # Skip updates from non-finite gradients in bf16 as ZeRO does in fp32.
+            "bf16": {"enabled": bf16, "check_grad_overflow": True},
             # ZeRO wraps our AdamW instance.
             "zero_allow_untested_optimizer": True,
             "steps_per_print": 1 << 62,
@@ -153,26 +162,55 @@ def train(cfg: RunConfig, resume: bool = False, progress=None, allow_change: Seq
     valid_data = PackedDataset(d.stores, d.weights, d.seq_length, t.seed, eval_samples,
                                split="valid", valid_fraction=d.valid_fraction)
 
-    def evaluate() -> float:
+    def evaluate() -> float | None:
+        """The mean validation loss; None if a stop request cut the evaluation short."""
         engine.eval()
         total = torch.zeros((), dtype=torch.float64, device=engine.device)
         with torch.no_grad():
             loader = DistributedBatchLoader(valid_data, t.micro_batch_size, dp_rank, dp_size,
                                             with_cu_seqlens=d.with_cu_seqlens, verifier=verifier)
             for _, batch in zip(range(cfg.logging.eval_steps), loader):
+                watchdog.beat("an evaluation batch")
+                if stop.requested(engine.device):
+                    engine.train()
+                    return None
                 total += forward(engine, batch).double()
         engine.train()
         return dp_mean(total / cfg.logging.eval_steps, mpu)
 
+    def save() -> Path:
+        """A checkpoint of this step, never of non-finite weights; the log says how long it took."""
+        watchdog.beat("the step before a save")
+        if not preemption.weights_finite(engine.module, engine.device):
+            good = checkpoint.committed(ckpt_dir)
+            finish()
+            raise preemption.RunStopped(
+                f"step {state.step}: the weights are not finite, no checkpoint written "
+                f"(the last good one: {good[-1] if good else 'none'})", preemption.NONFINITE_EXIT)
+        started = time.perf_counter()
+        path = checkpoint.save(engine, ckpt_dir, state, to_dict(cfg), cfg.checkpoint.keep_last)
+        progress(f"saved checkpoint {path} in {time.perf_counter() - started:.2f} s")
+        watchdog.beat("a save")
+        return path
+
     metrics = MetricsLog(cfg.logging.tensorboard_dir) if rank0 else None
+
+    def finish() -> None:
+        """The end of a run, at train_steps or earlier (all ranks together)."""
+        watchdog.stop()
+        if metrics is not None:
+            metrics.close()
+        destroy_parallel()
 
     def at(step: int) -> str:
         return f"step {step:>{len(str(t.train_steps))}}/{t.train_steps}"
 
-    if state.step == 0:
-        summary.val_losses[0] = evaluate()
-        _record(metrics, {"step": 0, "val_loss": summary.val_losses[0]})
-        progress(f"{at(0)} | val loss {summary.val_losses[0]:.4f}")
+    watchdog = preemption.Watchdog(t.fault_timeout)
+    nonfinite = preemption.NonFiniteSteps(t.nonfinite, t.nonfinite_patience)
+    if state.step == 0 and (val_loss := evaluate()) is not None:
+        summary.val_losses[0] = val_loss
+        _record(metrics, {"step": 0, "val_loss": val_loss})
+        progress(f"{at(0)} | val loss {val_loss:.4f}")
 
     interval_time, interval_steps = 0.0, 0
     # Throughput over this process's steps after its first (which pays for allocations, warm-up).
@@ -181,6 +219,7 @@ def train(cfg: RunConfig, resume: bool = False, progress=None, allow_change: Seq
         started = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         micro_losses = []
+        skipped_before = engine.skipped_steps
         for _ in range(grad_accum):
             loss = forward(engine, next(batches))
             engine.backward(loss)
@@ -189,6 +228,15 @@ def train(cfg: RunConfig, resume: bool = False, progress=None, allow_change: Seq
         loss = dp_mean(torch.stack(micro_losses).mean(), mpu)
         grad_norm = float(engine.get_global_grad_norm())
         state.step += 1
+        watchdog.beat(f"step {state.step}")
+        try:
+            skip_line = nonfinite.check(state.step, loss, grad_norm, engine.skipped_steps > skipped_before)
+        except preemption.RunStopped:
+            finish()
+            raise
+        if skip_line:
+            progress(skip_line)
+            _record(metrics, {"step": state.step, "skipped_steps": nonfinite.skipped})
         state.consumed_samples += t.global_batch_size
         elapsed = time.perf_counter() - started
         interval_time += elapsed
@@ -205,20 +253,26 @@ def train(cfg: RunConfig, resume: bool = False, progress=None, allow_change: Seq
                      f"lr {lr:.2e} | grad norm {grad_norm:.3f} | {tokens_per_sec:,.0f} tokens/s")
             interval_time, interval_steps = 0.0, 0
 
-        if state.step % cfg.logging.eval_interval == 0 or state.step == t.train_steps:
-            summary.val_losses[state.step] = evaluate()
-            _record(metrics, {"step": state.step, "val_loss": summary.val_losses[state.step]})
-            progress(f"{at(state.step)} | val loss {summary.val_losses[state.step]:.4f}")
+        if ((state.step % cfg.logging.eval_interval == 0 or state.step == t.train_steps)
+                and (val_loss := evaluate()) is not None):
+            summary.val_losses[state.step] = val_loss
+            _record(metrics, {"step": state.step, "val_loss": val_loss})
+            progress(f"{at(state.step)} | val loss {val_loss:.4f}")
 
-        if state.step % cfg.checkpoint.save_interval == 0 or state.step == t.train_steps:
-            path = checkpoint.save(engine, ckpt_dir, state, to_dict(cfg), cfg.checkpoint.keep_last)
-            summary.checkpoint = str(path)
-            progress(f"saved checkpoint {path}")
+        stopping = stop.requested(engine.device) and state.step < t.train_steps
+        if stopping:
+            progress(f"{at(state.step)} | stop requested ({stop.reason()}): saving")
+        if stopping or state.step % cfg.checkpoint.save_interval == 0 or state.step == t.train_steps:
+            summary.checkpoint = str(save())
+        if stopping:
+            finish()
+            raise preemption.RunStopped(
+                f"stopped by {stop.reason()} after step {state.step}, saved in {summary.checkpoint}; "
+                f"exit code {preemption.REQUEUE_EXIT}: run again with --resume to continue",
+                preemption.REQUEUE_EXIT)
 
     summary.tokens_per_sec = timed_steps * tokens_per_step / timed_total if timed_total else 0.0
-    if metrics is not None:
-        metrics.close()
-    destroy_parallel()
+    finish()
     return summary
 
 

@@ -6,6 +6,8 @@ megatron-core's `parallel_state` owns the groups; this module starts them from t
 """
 from __future__ import annotations
 
+import datetime
+import math
 import os
 import socket
 
@@ -22,11 +24,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def initialize_parallel(parallel: ParallelConfig, seed: int) -> None:
+def initialize_parallel(parallel: ParallelConfig, seed: int, timeout: float | None = None) -> None:
     """Join (or start) torch.distributed from the environment and build megatron-core's TP/DP groups.
 
     Without RANK/WORLD_SIZE in the environment this process becomes rank 0 of 1 on a free local
-    port; the variables are left set because DeepSpeed reads them too.
+    port; the variables are left set because DeepSpeed reads them too. `timeout` (seconds) bounds
+    every collective (None: torch's default).
     """
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
@@ -34,11 +37,14 @@ def initialize_parallel(parallel: ParallelConfig, seed: int) -> None:
     if not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                                timeout=None if timeout is None else datetime.timedelta(seconds=timeout))
     tp, world = parallel.tensor_model_parallel_size, dist.get_world_size()
     if tp < 1 or world % tp:
         raise ValueError(f"parallel.tensor_model_parallel_size={tp} must divide the world size {world}")
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+    # megatron-core's groups take their timeout in whole minutes.
+    minutes = {} if timeout is None else {"distributed_timeout_minutes": max(1, math.ceil(timeout / 60))}
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, **minutes)
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         # Different streams per TP rank for dropout-like ops inside TP regions, as megatron expects.
