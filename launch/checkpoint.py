@@ -380,7 +380,7 @@ def global_state(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
         for name, tensor in model_states["module"].items():
             if name in specs:
                 local["weight"].setdefault(name, []).append(tensor)
-        shards = [safe_load(path / f"zero_pp_rank_{dp}_mp_rank_{mp:02d}_optim_states.pt", "cpu")["optimizer_state_dict"]
+        shards = [safe_load(_optimizer_file(path, dp, mp), "cpu")["optimizer_state_dict"]
                   for dp in range(layout.data_parallel)]
         for g, shapes in enumerate(model_states["param_shapes"]):
             flat = {"fp32": torch.cat([s["single_partition_of_fp32_groups"][g] for s in shards])}
@@ -410,6 +410,15 @@ def global_state(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
             "lr_scheduler": model_states["lr_scheduler"], "adam_step": adam_steps.pop(),
             "source_layout": asdict(layout), "groups": [list(shapes) for shapes in model_states["param_shapes"]]}
     return tensors, rest
+
+
+def _optimizer_file(path: Path, dp: int, mp: int) -> Path:
+    # DeepSpeed prefixes the name with "bf16_" in bf16 runs.
+    name = f"zero_pp_rank_{dp}_mp_rank_{mp:02d}_optim_states.pt"
+    found = [f for f in (path / f"bf16_{name}", path / name) if f.is_file()]
+    if not found:
+        raise CheckpointError(f"checkpoint {path} is incomplete: {path / name} is missing")
+    return found[0]
 
 
 def convert(path: Path) -> Path:

@@ -127,12 +127,12 @@ def test_kill_during_saves_never_leaves_a_half_written_checkpoint(tmp_path, stor
     rng = random.Random(0)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     for trial in range(10):
-        before = {p.name for p in checkpoint.committed(ckpts)}
+        launched = time.time()
         proc = subprocess.Popen([str(BIN / "prism-train"), "--config", str(config), "--resume"],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         deadline = time.monotonic() + 120
-        # Wait for a save of a step this run took (a folder that was not there before), then kill it.
-        while not [p for p in ckpts.glob("step_*") if p.name not in before] and proc.poll() is None:
+        # Wait until this run starts a save (a step folder written since it started), then kill it.
+        while not _written_since(ckpts, launched) and proc.poll() is None:
             assert time.monotonic() < deadline, "no save started"
             time.sleep(0.001)
         time.sleep(rng.uniform(0, 0.05))
@@ -146,6 +146,16 @@ def test_kill_during_saves_never_leaves_a_half_written_checkpoint(tmp_path, stor
         for path in found:
             checkpoint.verify(path)  # every committed checkpoint is whole
         assert checkpoint.newest(ckpts) == found[-1]
+
+
+def _written_since(ckpts: Path, since: float) -> bool:
+    for p in ckpts.glob("step_*"):
+        try:
+            if p.stat().st_mtime > since:
+                return True
+        except FileNotFoundError:  # removed by the run between glob and stat
+            pass
+    return False
 
 
 class _RunsCode:
