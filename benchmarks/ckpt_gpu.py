@@ -29,7 +29,7 @@ STEPS = 4
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("out", type=Path)
     parser.add_argument("--config", default=str(ROOT / "launch/configs/1.3b.yaml"))
     parser.add_argument("--scratch", type=Path)
@@ -116,7 +116,8 @@ def main() -> None:
     subprocess.run(["rm", "-rf", str(export)], check=True)  # disk: the resumed run writes another checkpoint
 
     # 3. Resume at ZeRO-2 from the step-2 checkpoint (its layout-free form, made in step 2).
-    (ckpts / "step_00000004").exists() and subprocess.run(["rm", "-rf", str(ckpts / "step_00000004")], check=True)
+    if (ckpts / "step_00000004").exists():  # a kill that came late
+        subprocess.run(["rm", "-rf", str(ckpts / "step_00000004")], check=True)
     text = stage("resume", *train, "--set", "training.zero_stage=2", "--set",
                  f"logging.tensorboard_dir={scratch / 'tb_resumed'}", "--resume")
     if "loading its layout-free form" not in text or "resumed from" not in text:

@@ -146,11 +146,15 @@ def _remove(folder: Path) -> None:
 
 
 def _prune(ckpt_dir: Path, keep_last: int) -> None:
-    """Called only after the newest checkpoint is committed, so the ones removed are never the last."""
-    if keep_last == 0:
-        return
-    for old in committed(ckpt_dir)[:-keep_last]:
-        _remove(old)
+    """Called only after the newest checkpoint is committed, so the ones removed are never the last.
+    Folders of saves that never finished, older than the newest checkpoint, go too (nothing reads them)."""
+    found = step_folders(ckpt_dir)
+    for path in found[:-1]:
+        if not (path / COMPLETE).is_file():
+            shutil.rmtree(path)
+    if keep_last:
+        for old in committed(ckpt_dir)[:-keep_last]:
+            _remove(old)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,21 +163,21 @@ def _prune(ckpt_dir: Path, keep_last: int) -> None:
 
 def committed(ckpt_dir: str | Path) -> list[Path]:
     """Committed checkpoints in `ckpt_dir`, oldest first."""
-    return [p for p in _step_folders(ckpt_dir) if (p / COMPLETE).is_file()]
+    return [p for p in step_folders(ckpt_dir) if (p / COMPLETE).is_file()]
 
 
-def _step_folders(ckpt_dir: str | Path) -> list[Path]:
+def step_folders(ckpt_dir: str | Path) -> list[Path]:
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         return []
     found = [p for p in ckpt_dir.iterdir() if _TAG.fullmatch(p.name) and p.is_dir()]
-    return sorted(found, key=lambda p: int(_TAG.fullmatch(p.name).group(1)))
+    return sorted(found, key=lambda p: int(p.name.removeprefix("step_")))
 
 
 def newest(ckpt_dir: str | Path) -> Path | None:
     """The newest intact checkpoint. Newer ones that are half-written, truncated or corrupt are
     skipped with a warning naming the file; None if there is no checkpoint, an error if none is intact."""
-    folders = _step_folders(ckpt_dir)
+    folders = step_folders(ckpt_dir)
     problems = []
     for path in reversed(folders):
         if not (path / COMPLETE).is_file():
@@ -374,6 +378,7 @@ def global_state(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
              for name, s in json.loads((path / LAYOUT).read_text())["params"].items()}
     local: dict[str, dict[str, list[torch.Tensor]]] = {k: {} for k in ("weight", *OPTIMIZER_TENSORS)}
     adam_steps = set()
+    model_states: dict = {}
     for mp in range(layout.tensor_parallel):
         model_file = path / f"mp_rank_{mp:02d}_model_states.pt"
         model_states = safe_load(model_file, "cpu")
@@ -498,7 +503,7 @@ def _gather_rng_states() -> list[dict]:
     _, mt, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {"python": torch.tensor(mt, dtype=torch.int64), "python_gauss": gauss,
-             "numpy": torch.from_numpy(keys.astype(np.int64)), "numpy_pos": int(pos),
+             "numpy": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "numpy_pos": int(pos),
              "numpy_gauss": [int(has_gauss), float(cached)], "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()

@@ -22,7 +22,7 @@ from prism_megatron.launch import checkpoint
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="prism-ckpt", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="prism-ckpt", description=(__doc__ or "").split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     inspect = commands.add_parser("inspect", help="step, layout, config, sizes and integrity")
     inspect.add_argument("dir", type=Path)
@@ -64,9 +64,9 @@ def _one_checkpoint(folder: Path) -> Path:
 
 def inspect_checkpoints(folder: Path) -> bool:
     """Print what each checkpoint under `folder` holds; True if every one is intact."""
-    paths = [folder] if checkpoint._TAG.fullmatch(folder.name) else checkpoint._step_folders(folder)
-    if not paths:
-        raise checkpoint.CheckpointError(f"{folder} holds no checkpoint")
+    if not folder.is_dir():
+        raise checkpoint.CheckpointError(f"{folder} is not a folder")
+    paths = checkpoint.step_folders(folder) or [folder]  # a run's checkpoint.dir, or one checkpoint
     intact = True
     for path in paths:
         files = [f for f in path.rglob("*") if f.is_file()]

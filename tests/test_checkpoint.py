@@ -126,6 +126,7 @@ def test_kill_during_saves_never_leaves_a_half_written_checkpoint(tmp_path, stor
     ckpts = tmp_path / "ckpt"
     rng = random.Random(0)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    mid_save = 0  # trials whose kill left a save unfinished
     for trial in range(10):
         launched = time.time()
         proc = subprocess.Popen([str(BIN / "prism-train"), "--config", str(config), "--resume"],
@@ -139,6 +140,7 @@ def test_kill_during_saves_never_leaves_a_half_written_checkpoint(tmp_path, stor
         proc.send_signal(signal.SIGKILL)
         out = proc.communicate()[0]
         assert proc.returncode == -signal.SIGKILL, out[-2000:]
+        mid_save += any(not (p / checkpoint.COMPLETE).is_file() for p in ckpts.glob("step_*"))
         if trial:
             assert "resumed from" in out, out[-2000:]
         found = checkpoint.committed(ckpts)
@@ -146,6 +148,8 @@ def test_kill_during_saves_never_leaves_a_half_written_checkpoint(tmp_path, stor
         for path in found:
             checkpoint.verify(path)  # every committed checkpoint is whole
         assert checkpoint.newest(ckpts) == found[-1]
+        assert len(found) <= 3  # keep_last 2, plus one if the kill fell between a commit and its pruning
+    assert mid_save > 0, "no kill landed inside a save"
 
 
 def _written_since(ckpts: Path, since: float) -> bool:
