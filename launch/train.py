@@ -95,7 +95,7 @@ def train(cfg: RunConfig, resume: bool = False, progress=None, allow_change: Seq
     import deepspeed
     from deepspeed.utils import logger as ds_logger
 
-    from prism_megatron.data_prep.loader import DistributedBatchLoader, PackedDataset
+    from prism_megatron.data_prep.loader import DistributedBatchLoader, PackedDataset, collate_samples
     from prism_megatron.model import PrismLM
     from prism_megatron.process_groups import deepspeed_mpu, destroy_parallel, initialize_parallel
 
@@ -157,26 +157,31 @@ def train(cfg: RunConfig, resume: bool = False, progress=None, allow_change: Seq
     batches = iter(DistributedBatchLoader(train_data, t.micro_batch_size, dp_rank, dp_size,
                                           consumed_samples=state.consumed_samples,
                                           num_workers=d.num_workers, with_cu_seqlens=d.with_cu_seqlens, verifier=verifier))
-    # The same held-out samples at every evaluation, so the val curve compares like with like.
-    eval_samples = cfg.logging.eval_steps * t.micro_batch_size * dp_size
+    # The same held-out samples at every evaluation and at every DP size, so the val curve compares
+    # like with like (also across a resume at another layout); DP rank r takes samples r, r + dp, ...
+    eval_samples = cfg.logging.eval_steps * t.micro_batch_size
     valid_data = PackedDataset(d.stores, d.weights, d.seq_length, t.seed, eval_samples,
                                split="valid", valid_fraction=d.valid_fraction)
 
     def evaluate() -> float | None:
         """The mean validation loss; None if a stop request cut the evaluation short."""
         engine.eval()
-        total = torch.zeros((), dtype=torch.float64, device=engine.device)
+        mine = range(dp_rank, len(valid_data), dp_size)
+        total = torch.zeros(2, dtype=torch.float64, device=engine.device)  # loss x samples, samples
         with torch.no_grad():
-            loader = DistributedBatchLoader(valid_data, t.micro_batch_size, dp_rank, dp_size,
-                                            with_cu_seqlens=d.with_cu_seqlens, verifier=verifier)
-            for _, batch in zip(range(cfg.logging.eval_steps), loader):
+            for start in range(0, len(mine), t.micro_batch_size):
                 watchdog.beat("an evaluation batch")
                 if stop.requested(engine.device):
                     engine.train()
                     return None
-                total += forward(engine, batch).double()
+                ids = mine[start:start + t.micro_batch_size]
+                batch = collate_samples([valid_data[g] for g in ids], with_cu_seqlens=d.with_cu_seqlens)
+                verifier.require(batch.pop("shards"))
+                loss = forward(engine, batch).double()
+                total += torch.stack([loss * len(ids), total.new_tensor(float(len(ids)))])
         engine.train()
-        return dp_mean(total / cfg.logging.eval_steps, mpu)
+        dist.all_reduce(total, group=mpu.get_data_parallel_group())
+        return (total[0] / total[1]).item()
 
     def save() -> Path:
         """A checkpoint of this step, never of non-finite weights; the log says how long it took."""

@@ -1,0 +1,93 @@
+"""`prism-ckpt`: look inside prism-train checkpoints and take them elsewhere.
+
+    prism-ckpt inspect DIR        step, layout, model config, sizes and integrity of each checkpoint
+    prism-ckpt convert DIR        write the layout-free form (what --resume at another layout reads)
+    prism-ckpt export DIR OUT     OUT/model.safetensors + OUT/config.json, for checkpoint.load_exported
+
+DIR is one checkpoint (checkpoint.dir/step_NNNNNNNN) or a run's checkpoint.dir (then convert and
+export take its newest intact checkpoint). No process group and no GPU are needed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from prism_megatron.launch import checkpoint
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="prism-ckpt", description=(__doc__ or "").split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    inspect = commands.add_parser("inspect", help="step, layout, config, sizes and integrity")
+    inspect.add_argument("dir", type=Path)
+    convert = commands.add_parser("convert", help="write the layout-free form next to the checkpoint")
+    convert.add_argument("dir", type=Path)
+    export = commands.add_parser("export", help="consolidated safetensors plus the model config")
+    export.add_argument("dir", type=Path)
+    export.add_argument("out", type=Path)
+    args = parser.parse_args(argv)
+    # DeepSpeed is imported only for the names of its checkpoint records: no accelerator is used.
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    try:
+        if args.command == "inspect":
+            sys.exit(0 if inspect_checkpoints(args.dir) else 1)
+        path = _one_checkpoint(args.dir)
+        started = time.perf_counter()
+        if args.command == "convert":
+            folder = checkpoint.convert(path)
+            print(f"wrote {folder} in {time.perf_counter() - started:.1f} s")
+        else:
+            checkpoint.export(path, args.out)
+            print(f"exported {path} to {args.out} in {time.perf_counter() - started:.1f} s "
+                  f"(load it with prism_megatron.launch.checkpoint.load_exported)")
+    except checkpoint.CheckpointError as e:
+        sys.exit(f"prism-ckpt: error: {e}")
+
+
+def _one_checkpoint(folder: Path) -> Path:
+    if (folder / checkpoint.COMPLETE).is_file():
+        checkpoint.verify(folder)
+        return folder
+    path = checkpoint.newest(folder)
+    if path is None:
+        raise checkpoint.CheckpointError(f"{folder} holds no checkpoint")
+    return path
+
+
+def inspect_checkpoints(folder: Path) -> bool:
+    """Print what each checkpoint under `folder` holds; True if every one is intact."""
+    if not folder.is_dir():
+        raise checkpoint.CheckpointError(f"{folder} is not a folder")
+    paths = checkpoint.step_folders(folder) or [folder]  # a run's checkpoint.dir, or one checkpoint
+    intact = True
+    for path in paths:
+        files = [f for f in path.rglob("*") if f.is_file()]
+        print(f"{path}: {sum(f.stat().st_size for f in files) / 2**20:,.1f} MiB in {len(files)} files")
+        try:
+            if not (path / checkpoint.COMPLETE).is_file():
+                raise checkpoint.CheckpointError(f"no {checkpoint.COMPLETE} marker (a save that did not finish)")
+            checkpoint.verify(path)
+            record = json.loads((path / checkpoint.COMPLETE).read_text())
+            print(f"  intact: every file matches its recorded size and sha256 | step {record['step']}")
+            print(f"  layout: {checkpoint.read_layout(path)}")
+            model = json.loads((path / checkpoint.RUN_CONFIG).read_text())["model"]
+            print("  model: " + ", ".join(f"{k}={v}" for k, v in model.items()))
+            free = path / checkpoint.LAYOUT_FREE
+            print(f"  layout-free form: {'intact' if checkpoint.layout_free_intact(path) else 'absent'}"
+                  + (f" ({free})" if free.exists() else ""))
+        except (checkpoint.CheckpointError, OSError, ValueError, KeyError) as e:
+            intact = False
+            print(f"  DAMAGED: {e}")
+    return intact
+
+
+if __name__ == "__main__":
+    main()
