@@ -163,6 +163,9 @@ def validate(cfg: RunConfig, source: str) -> None:
           f"give one weight per store ({len(d.stores)}), got {len(d.weights or [])}")
     check(d.weights is None or all(w > 0 for w in d.weights), "data.weights", "weights must be > 0")
     check(d.seq_length > 0, "data.seq_length", "must be > 0")
+    cp = cfg.parallel.context_parallel_size
+    check(cp >= 1 and d.seq_length % cp == 0, "parallel.context_parallel_size",
+          f"must be >= 1 and divide data.seq_length {d.seq_length}, got {cp}")
     check(0 < d.valid_fraction < 1, "data.valid_fraction", "must be in (0, 1)")
     check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
     check(o.lr > 0, "optim.lr", "must be > 0")

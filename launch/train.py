@@ -97,13 +97,14 @@ def train(cfg: RunConfig, resume: bool = False, progress=None, allow_change: Seq
 
     from prism_megatron.data_prep.loader import DistributedBatchLoader, PackedDataset, collate_samples
     from prism_megatron.model import PrismLM
-    from prism_megatron.process_groups import deepspeed_mpu, destroy_parallel, initialize_parallel
+    from prism_megatron.process_groups import data_rank, data_size, deepspeed_mpu, destroy_parallel, initialize_parallel
 
     ds_logger.setLevel(logging.WARNING)
     # A bare call becomes rank 0 of 1 (and sets RANK etc., which DeepSpeed needs to skip MPI discovery).
     initialize_parallel(cfg.parallel, cfg.training.seed, timeout=cfg.training.fault_timeout)
     mpu = deepspeed_mpu()
-    dp_rank, dp_size = mpu.get_data_parallel_rank(), mpu.get_data_parallel_world_size()
+    # Ranks reading different samples; DeepSpeed's data-parallel group also spans the CP ranks.
+    dp_rank, dp_size = data_rank(), data_size()
     rank0 = dist.get_rank() == 0
     progress = (progress or log.info) if rank0 else (lambda line: None)
     t, o = cfg.training, cfg.optim
@@ -124,7 +125,7 @@ def train(cfg: RunConfig, resume: bool = False, progress=None, allow_change: Seq
     engine, *_ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, mpu=mpu,
         config={
-            "train_batch_size": t.global_batch_size,
+            "train_batch_size": t.global_batch_size * cfg.parallel.context_parallel_size,
             "train_micro_batch_size_per_gpu": t.micro_batch_size,
             "gradient_accumulation_steps": grad_accum,
             "gradient_clipping": o.grad_clip,
@@ -302,6 +303,9 @@ def lr_at(step: int, cfg: RunConfig) -> float:
 
 
 def forward(engine, batch: dict) -> torch.Tensor:
+    from prism_megatron.context_parallel import slice_batch
+
+    batch = slice_batch(batch)  # this rank's part of each sample under context parallelism
     tokens, labels = batch["tokens"].to(engine.device), batch["labels"].to(engine.device)
     if "cu_seqlens" in batch:
         return engine(tokens, labels, cu_seqlens=batch["cu_seqlens"].to(engine.device))

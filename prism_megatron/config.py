@@ -49,3 +49,5 @@ class ParallelConfig:
     tensor_model_parallel_size: int = 1
     # Shard the activations between blocks along the sequence over the TP group.
     sequence_parallel: bool = False
+    # Split each sample's tokens into this many contiguous slices, one per rank (context_parallel.py).
+    context_parallel_size: int = 1

@@ -23,6 +23,8 @@ from megatron.core import ModelParallelConfig
 from torch import nn
 
 from prism_megatron.config import ModelConfig
+from prism_megatron.context_parallel import ContextSlice, context_parallel_recurrence
+from prism_megatron.context_parallel import causal_conv as cp_causal_conv
 from prism_megatron.layers import (
     ColumnParallelLinear,
     RMSNorm,
@@ -116,15 +118,22 @@ class PrismMixer(nn.Module):
         self.out_proj = RowParallelLinear(H * V, cfg.hidden_size, config=config, init=normal_init(out_init_std),
                                           sequence_parallel=sequence_parallel)
 
-    def forward(self, x: torch.Tensor, position: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, position: torch.Tensor, cu_seqlens: torch.Tensor | None,
+                context: ContextSlice | None = None) -> torch.Tensor:
         """x: [B, T, D] normed (T/tp of it under sequence parallelism); position: [B, T] within each
-        sequence; with cu_seqlens the batch is treated as one packed row of B*T tokens."""
+        sequence; with cu_seqlens the batch is treated as one packed row of B*T tokens. Under context
+        parallelism T is this rank's slice, `context` says how it continues (position and
+        cu_seqlens are then unused) and the local sequences are packed the same way."""
         h = self.in_proj(x)
         B, T, _ = h.shape
-        if cu_seqlens is not None:
-            h = h.reshape(1, B * T, -1)
-            position = position.reshape(1, B * T)
-        conv = causal_depthwise_conv(h[..., : self.local_conv], self.conv_weight, position)
+        if context is not None:
+            conv = cp_causal_conv(h[..., : self.local_conv], self.conv_weight, context)
+            h, conv = h.reshape(1, B * T, -1), conv.reshape(1, B * T, -1)
+        else:
+            if cu_seqlens is not None:
+                h = h.reshape(1, B * T, -1)
+                position = position.reshape(1, B * T)
+            conv = causal_depthwise_conv(h[..., : self.local_conv], self.conv_weight, position)
         layout, tp = self.layout, tp_size()
         conv = layout.split(conv, tp, layout.conv_parts)
         q, k, v = (F.silu(x) for x in conv[:3])
@@ -137,7 +146,11 @@ class PrismMixer(nn.Module):
             d, kx, beta = self.solver(conv[3].reshape(heads), v)
         else:
             d, kx, beta = v.unsqueeze(3), None, torch.sigmoid(b[0]).unsqueeze(3)
-        o, _ = prism_recurrence(q, k, d, kx, beta.to(q.dtype), g, scale=self.head_k_dim**-0.5,
-                                cu_seqlens=cu_seqlens, backend=self.backend)
+        scale = self.head_k_dim**-0.5
+        if context is not None:
+            o = context_parallel_recurrence(q, k, d, kx, beta.to(q.dtype), g, scale, context, self.backend)
+        else:
+            o, _ = prism_recurrence(q, k, d, kx, beta.to(q.dtype), g, scale=scale,
+                                    cu_seqlens=cu_seqlens, backend=self.backend)
         o = self.out_norm(o) * F.silu(z)
         return self.out_proj(o.reshape(B, T, -1))

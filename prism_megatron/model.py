@@ -2,7 +2,8 @@
 a SwiGLU MLP, a final RMSNorm, a column-parallel LM head and vocab-parallel cross-entropy.
 
     model = PrismLM(config, parallel)              # after parallel.initialize_parallel
-    loss = model(tokens, labels, cu_seqlens=None)  # mean token cross-entropy, float32
+    loss = model(tokens, labels, cu_seqlens=None)  # mean token cross-entropy, float32 (under CP: of this
+                                                   # rank's slice; context_parallel.py says why that is right)
     logits = model(tokens)                         # [B, T, padded vocab / TP], padding at -inf
 """
 from __future__ import annotations
@@ -14,9 +15,10 @@ from megatron.core import tensor_parallel
 from torch import nn
 
 from prism_megatron.config import ModelConfig, ParallelConfig
+from prism_megatron.context_parallel import ContextSlice
 from prism_megatron.layers import ColumnParallelLinear, RMSNorm, SwiGLUMLP, megatron_config, no_megatron_init
 from prism_megatron.mixer import PrismMixer
-from prism_megatron.process_groups import tp_group, tp_rank, tp_size
+from prism_megatron.process_groups import cp_size, tp_group, tp_rank, tp_size
 from prism_megatron.sequence_parallel import scatter_sequence
 from prism_megatron.sharding import (
     add_tp_grad_sum_hooks,
@@ -38,8 +40,8 @@ class Block(nn.Module):
         self.mlp = SwiGLUMLP(cfg.hidden_size, cfg.ffn_hidden_size, config=config, init_std=cfg.init_std,
                              out_init_std=out_init_std, sequence_parallel=sequence_parallel)
 
-    def forward(self, x, position, cu_seqlens):
-        x = x + self.mixer(self.mixer_norm(x), position, cu_seqlens)
+    def forward(self, x, position, cu_seqlens, context=None):
+        x = x + self.mixer(self.mixer_norm(x), position, cu_seqlens, context)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -52,6 +54,9 @@ class PrismLM(nn.Module):
         if tp_size() != parallel.tensor_model_parallel_size:
             raise ValueError(f"parallel.tensor_model_parallel_size={parallel.tensor_model_parallel_size} but the "
                              f"process groups have TP size {tp_size()}: call initialize_parallel with this config")
+        if cp_size() != parallel.context_parallel_size:
+            raise ValueError(f"parallel.context_parallel_size={parallel.context_parallel_size} but the "
+                             f"process groups have CP size {cp_size()}: call initialize_parallel with this config")
         self.config = config
         self.sequence_parallel = parallel.sequence_parallel and tp_size() > 1
         mcfg = megatron_config(tp_size())
@@ -97,17 +102,22 @@ class PrismLM(nn.Module):
         if self.sequence_parallel and T % tp_size():
             raise ValueError(f"sequence length {T} does not divide by the tensor-parallel size {tp_size()}, "
                              "which sequence parallelism needs")
-        position = token_positions(B, T, cu_seqlens, tokens.device)
+        # Under context parallelism tokens are this rank's slice of each row; cu_seqlens is the samples'.
+        context = None
+        position = token_positions(B, T * cp_size(), cu_seqlens, tokens.device)
+        if cp_size() > 1:
+            context = ContextSlice.build(position)
         x = self.embedding(tokens)
         if self.sequence_parallel:
             x = scatter_sequence(x)
         for layer in self.layers:
-            x = layer(x, position, cu_seqlens)
+            x = layer(x, position, cu_seqlens, context)
         x = self.final_norm(x)
         logits = self.lm_head(x, self.embedding.weight if self.config.tie_embeddings else None)
         logits = self._mask_vocab_padding(logits)
         if labels is None:
             return logits
+        # Under CP the mean over this rank's equal slice: the mean over CP ranks is the samples' mean.
         return tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels).mean()
 
     def _mask_vocab_padding(self, logits: torch.Tensor) -> torch.Tensor:
