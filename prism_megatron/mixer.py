@@ -32,7 +32,7 @@ from prism_megatron.layers import (
     conv_init,
     upcast,
 )
-from prism_megatron.ops import prism_recurrence
+from prism_megatron.ops import PackedSequences, prism_recurrence
 from prism_megatron.process_groups import tp_size
 from prism_megatron.sharding import normal_init, sharded_parameter
 from prism_megatron.solver import PrismSolver, l2norm
@@ -116,7 +116,7 @@ class PrismMixer(nn.Module):
         self.out_proj = RowParallelLinear(H * V, cfg.hidden_size, config=config, init=normal_init(out_init_std),
                                           sequence_parallel=sequence_parallel)
 
-    def forward(self, x: torch.Tensor, position: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, position: torch.Tensor, cu_seqlens: PackedSequences | None) -> torch.Tensor:
         """x: [B, T, D] normed (T/tp of it under sequence parallelism); position: [B, T] within each
         sequence; with cu_seqlens the batch is treated as one packed row of B*T tokens."""
         h = self.in_proj(x)

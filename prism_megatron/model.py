@@ -16,6 +16,7 @@ from torch import nn
 from prism_megatron.config import ModelConfig, ParallelConfig
 from prism_megatron.layers import ColumnParallelLinear, RMSNorm, SwiGLUMLP, megatron_config, no_megatron_init
 from prism_megatron.mixer import PrismMixer
+from prism_megatron.ops import PackedSequences
 from prism_megatron.process_groups import tp_group, tp_rank, tp_size
 from prism_megatron.sequence_parallel import scatter_sequence
 from prism_megatron.sharding import (
@@ -98,6 +99,8 @@ class PrismLM(nn.Module):
             raise ValueError(f"sequence length {T} does not divide by the tensor-parallel size {tp_size()}, "
                              "which sequence parallelism needs")
         position = token_positions(B, T, cu_seqlens, tokens.device)
+        if cu_seqlens is not None:  # checked once here, not in every layer
+            cu_seqlens = PackedSequences(cu_seqlens.to(tokens.device), B * T)
         x = self.embedding(tokens)
         if self.sequence_parallel:
             x = scatter_sequence(x)

@@ -144,3 +144,18 @@ def test_weight_decay_spares_biases_and_norms():
     assert {"gain_bias", "strength_bias", "dt_bias", "A_log"} <= spared
     assert {"gain_weight", "key_weight", "strength_weight", "weight"} <= decayed
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_packed_layout_is_built_once_per_batch(monkeypatch):
+    """The Triton path reads cu_seqlens back to the host once per forward (in PrismLM.forward) and
+    builds the kernel's chunk table once, not once per layer."""
+    from prism_megatron.kernels.prism import launch_config
+
+    model = _model(num_layers=3, kernel_backend="triton")
+    reads, tables = [], []
+    tolist, table_init = torch.Tensor.tolist, launch_config.PackedChunkTable.__init__
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append(self.shape) or tolist(self))
+    monkeypatch.setattr(launch_config.PackedChunkTable, "__init__",
+                        lambda self, cu: tables.append(cu.shape) or table_init(self, cu))
+    model(torch.zeros(1, 16, dtype=torch.long), cu_seqlens=torch.tensor([0, 7, 16])).sum().backward()
+    assert reads == [torch.Size([3])] and tables == [torch.Size([3])]
