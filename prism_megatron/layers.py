@@ -73,6 +73,14 @@ class ColumnParallelLinear(tensor_parallel.ColumnParallelLinear):
             x = gather_sequence(x)
         return super().forward(x, weight)[0]
 
+    def parallel_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x as this layer's GEMM takes it, for ops that fuse the GEMM (linear_cross_entropy):
+        gathered along the sequence under SP, else copied into the TP region (backward: summed
+        over TP, the all-reduce megatron's layer does on its input gradient)."""
+        if self.sequence_parallel_input:
+            return gather_sequence(x)
+        return tensor_parallel.copy_to_tensor_model_parallel_region(x)
+
 
 class RowParallelLinear(tensor_parallel.RowParallelLinear):
     """megatron-core's row-parallel linear (no bias, input split over TP). Its output is summed over
@@ -152,6 +160,17 @@ def causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor, position: torch
         shifted = F.pad(x[:, :-s], (0, 0, s, 0))
         y = y + (shifted * (position >= s)[..., None].to(x.dtype)) * weight[:, W - 1 - s]
     return y
+
+
+def short_conv(x: torch.Tensor, weight: torch.Tensor, position: torch.Tensor, silu_channels: int) -> torch.Tensor:
+    """causal_depthwise_conv, then SiLU on the first silu_channels channels: one Triton kernel for
+    forward and one for backward on CUDA (kernels/conv), this PyTorch code elsewhere."""
+    if x.is_cuda:
+        from prism_megatron.kernels.conv.causal_conv import causal_conv
+
+        return causal_conv(x, weight, position, silu_channels)
+    y = causal_depthwise_conv(x, weight, position)
+    return torch.cat([F.silu(y[..., :silu_channels]), y[..., silu_channels:]], -1)
 
 
 def conv_init(width: int) -> Init:

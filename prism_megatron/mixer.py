@@ -27,9 +27,9 @@ from prism_megatron.layers import (
     ColumnParallelLinear,
     RMSNorm,
     RowParallelLinear,
-    causal_depthwise_conv,
     check_divides,
     conv_init,
+    short_conv,
     upcast,
 )
 from prism_megatron.ops import PackedSequences, prism_recurrence
@@ -124,17 +124,16 @@ class PrismMixer(nn.Module):
         if cu_seqlens is not None:
             h = h.reshape(1, B * T, -1)
             position = position.reshape(1, B * T)
-        conv = causal_depthwise_conv(h[..., : self.local_conv], self.conv_weight, position)
         layout, tp = self.layout, tp_size()
-        conv = layout.split(conv, tp, layout.conv_parts)
-        q, k, v = (F.silu(x) for x in conv[:3])
+        conv = short_conv(h[..., : self.local_conv], self.conv_weight, position, sum(layout.conv_sizes[:3]) // tp)
+        q, k, v, *u = layout.split(conv, tp, layout.conv_parts)
         heads = h.shape[:2] + (self.heads, -1)
         q, k, v = l2norm(q.reshape(heads)), l2norm(k.reshape(heads)), v.reshape(heads)
         z, a, *b = layout.split(h[..., self.local_conv:], tp, layout.gate_parts)
         z = z.reshape(heads)
         g = -torch.exp(upcast(self.A_log)) * F.softplus(upcast(a) + upcast(self.dt_bias))
         if self.prism:
-            d, kx, beta = self.solver(conv[3].reshape(heads), v)
+            d, kx, beta = self.solver(u[0].reshape(heads), v)
         else:
             d, kx, beta = v.unsqueeze(3), None, torch.sigmoid(b[0]).unsqueeze(3)
         o, _ = prism_recurrence(q, k, d, kx, beta.to(q.dtype), g, scale=self.head_k_dim**-0.5,

@@ -14,6 +14,7 @@ from megatron.core import tensor_parallel
 from torch import nn
 
 from prism_megatron.config import ModelConfig, ParallelConfig
+from prism_megatron.kernels.fused.linear_cross_entropy import linear_cross_entropy
 from prism_megatron.layers import ColumnParallelLinear, RMSNorm, SwiGLUMLP, megatron_config, no_megatron_init
 from prism_megatron.mixer import PrismMixer
 from prism_megatron.ops import PackedSequences
@@ -107,11 +108,11 @@ class PrismLM(nn.Module):
         for layer in self.layers:
             x = layer(x, position, cu_seqlens)
         x = self.final_norm(x)
-        logits = self.lm_head(x, self.embedding.weight if self.config.tie_embeddings else None)
-        logits = self._mask_vocab_padding(logits)
+        head_weight = self.embedding.weight if self.config.tie_embeddings else self.lm_head.weight
         if labels is None:
-            return logits
-        return tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels).mean()
+            return self._mask_vocab_padding(self.lm_head(x, head_weight))
+        x = self.lm_head.parallel_input(x)
+        return linear_cross_entropy(x.flatten(0, 1), head_weight, labels.flatten(), self.config.vocab_size).mean()
 
     def _mask_vocab_padding(self, logits: torch.Tensor) -> torch.Tensor:
         """Padded vocabulary entries get -inf logits: they never win the softmax nor get a gradient."""
