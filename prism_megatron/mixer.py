@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core import ModelParallelConfig
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from prism_megatron.config import ModelConfig
 from prism_megatron.layers import (
@@ -29,6 +30,8 @@ from prism_megatron.layers import (
     RowParallelLinear,
     check_divides,
     conv_init,
+    fused_on_cuda,
+    gated_rms_norm,
     short_conv,
     upcast,
 )
@@ -89,6 +92,12 @@ def dt_bias_init(shape, gen, device, dt_min: float = 1e-3, dt_max: float = 0.1):
     return dt + torch.log(-torch.expm1(-dt))
 
 
+@fused_on_cuda
+def decay(a: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor) -> torch.Tensor:
+    """g = -exp(A_log) * softplus(a + dt_bias), in float32."""
+    return -torch.exp(upcast(A_log)) * F.softplus(upcast(a) + upcast(dt_bias))
+
+
 class PrismMixer(nn.Module):
     def __init__(self, cfg: ModelConfig, *, config: ModelParallelConfig, sequence_parallel: bool, out_init_std: float):
         super().__init__()
@@ -98,6 +107,7 @@ class PrismMixer(nn.Module):
         self.heads = H // tp_size()
         self.head_k_dim, self.head_v_dim = K, V
         self.backend = cfg.kernel_backend
+        self.recompute_heads = cfg.recompute == "selective"
 
         self.layout = InProjLayout.for_config(cfg)
         self.local_conv = sum(self.layout.conv_sizes) // tp_size()
@@ -124,6 +134,15 @@ class PrismMixer(nn.Module):
         if cu_seqlens is not None:
             h = h.reshape(1, B * T, -1)
             position = position.reshape(1, B * T)
+        if self.recompute_heads:
+            o = checkpoint(self.mix, h, position, cu_seqlens, use_reentrant=False)
+        else:
+            o = self.mix(h, position, cu_seqlens)
+        return self.out_proj(o.reshape(B, T, -1))
+
+    def mix(self, h: torch.Tensor, position: torch.Tensor, cu_seqlens: PackedSequences | None) -> torch.Tensor:
+        """in_proj's output -> the recurrence's output, normed and gated, per head: everything between
+        the two GEMMs, which model.recompute = selective re-runs in the backward."""
         layout, tp = self.layout, tp_size()
         conv = short_conv(h[..., : self.local_conv], self.conv_weight, position, sum(layout.conv_sizes[:3]) // tp)
         q, k, v, *u = layout.split(conv, tp, layout.conv_parts)
@@ -131,12 +150,11 @@ class PrismMixer(nn.Module):
         q, k, v = l2norm(q.reshape(heads)), l2norm(k.reshape(heads)), v.reshape(heads)
         z, a, *b = layout.split(h[..., self.local_conv:], tp, layout.gate_parts)
         z = z.reshape(heads)
-        g = -torch.exp(upcast(self.A_log)) * F.softplus(upcast(a) + upcast(self.dt_bias))
+        g = decay(a, self.A_log, self.dt_bias)
         if self.prism:
             d, kx, beta = self.solver(u[0].reshape(heads), v)
         else:
             d, kx, beta = v.unsqueeze(3), None, torch.sigmoid(b[0]).unsqueeze(3)
         o, _ = prism_recurrence(q, k, d, kx, beta.to(q.dtype), g, scale=self.head_k_dim**-0.5,
                                 cu_seqlens=cu_seqlens, backend=self.backend)
-        o = self.out_norm(o) * F.silu(z)
-        return self.out_proj(o.reshape(B, T, -1))
+        return gated_rms_norm(o, z, self.out_norm.weight, self.out_norm.eps)

@@ -12,6 +12,7 @@ import zlib
 import torch
 from megatron.core import tensor_parallel
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from prism_megatron.config import ModelConfig, ParallelConfig
 from prism_megatron.kernels.fused.linear_cross_entropy import linear_cross_entropy
@@ -106,7 +107,10 @@ class PrismLM(nn.Module):
         if self.sequence_parallel:
             x = scatter_sequence(x)
         for layer in self.layers:
-            x = layer(x, position, cu_seqlens)
+            if self.config.recompute == "full":
+                x = checkpoint(layer, x, position, cu_seqlens, use_reentrant=False)
+            else:
+                x = layer(x, position, cu_seqlens)
         x = self.final_norm(x)
         head_weight = self.embedding.weight if self.config.tie_embeddings else self.lm_head.weight
         if labels is None:

@@ -126,7 +126,7 @@ def test_presets(name, low, high):
     assert low <= model.num_parameters() <= high
 
 
-@pytest.mark.parametrize("field,value", [("solver", "gdn"), ("num_heads", 0), ("norm_eps", 0.0)])
+@pytest.mark.parametrize("field,value", [("solver", "gdn"), ("recompute", "some"), ("num_heads", 0), ("norm_eps", 0.0)])
 def test_bad_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=f"model.{field}"):
         ModelConfig(**{field: value}).validate()
@@ -159,3 +159,28 @@ def test_packed_layout_is_built_once_per_batch(monkeypatch):
                         lambda self, cu: tables.append(cu.shape) or table_init(self, cu))
     model(torch.zeros(1, 16, dtype=torch.long), cu_seqlens=torch.tensor([0, 7, 16])).sum().backward()
     assert reads == [torch.Size([3])] and tables == [torch.Size([3])]
+
+
+@pytest.mark.parametrize("recompute", ["selective", "full"])
+def test_recompute_gives_the_same_gradients(recompute, monkeypatch):
+    """Recomputation re-runs the recurrence in the backward and changes no loss or gradient (float64,
+    packed documents)."""
+    from prism_megatron import mixer
+
+    calls = []
+    recurrence = mixer.prism_recurrence
+    monkeypatch.setattr(mixer, "prism_recurrence", lambda *a, **kw: calls.append(1) or recurrence(*a, **kw))
+    gen = torch.Generator().manual_seed(4)
+    tokens, labels = torch.randint(0, 64, (2, 10), generator=gen), torch.randint(0, 64, (2, 10), generator=gen)
+    cu_seqlens = torch.tensor([0, 3, 10, 20])
+    results = []
+    for mode in ("none", recompute):
+        model = _model(recompute=mode).double()
+        loss = model(tokens, labels, cu_seqlens=cu_seqlens)
+        loss.backward()
+        results.append((loss, {name: p.grad for name, p in model.named_parameters()}))
+    assert len(calls) == 3 * SMALL["num_layers"]  # once per layer without recomputation, twice with
+    (loss, grads), (loss_r, grads_r) = results
+    torch.testing.assert_close(loss_r, loss, atol=0, rtol=0)
+    for name in grads:
+        torch.testing.assert_close(grads_r[name], grads[name], atol=1e-14, rtol=1e-12, msg=name)
