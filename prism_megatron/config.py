@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 SOLVERS = ("prism", "none")
+RECOMPUTE = ("none", "selective", "full")
 
 
 @dataclass
@@ -26,6 +27,10 @@ class ModelConfig:
     tie_embeddings: bool = False
     # Backend of prism_recurrence: "auto" (triton on CUDA, torch otherwise), "torch", "triton", "naive".
     kernel_backend: str = "auto"
+    # Activation recomputation in the backward: "selective" re-runs each mixer's part between its two
+    # GEMMs (convolution, norms, solver, recurrence, gate), keeping the GEMMs' inputs; "full" re-runs
+    # whole blocks, keeping only their inputs.
+    recompute: str = "none"
 
     @property
     def write_steps(self) -> int:
@@ -36,6 +41,8 @@ class ModelConfig:
         """Raise ValueError naming the first field whose value cannot build a model."""
         if self.solver not in SOLVERS:
             raise ValueError(f"model.solver must be one of {SOLVERS}, got {self.solver!r}")
+        if self.recompute not in RECOMPUTE:
+            raise ValueError(f"model.recompute must be one of {RECOMPUTE}, got {self.recompute!r}")
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "head_k_dim", "head_v_dim",
                      "ffn_hidden_size", "solver_steps", "conv_size"):
             if getattr(self, name) < 1:

@@ -3,6 +3,7 @@ sequence parallelism, RMSNorm, the SwiGLU MLP and the causal depthwise convoluti
 parameters are made and tagged in sharding.py."""
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -73,6 +74,14 @@ class ColumnParallelLinear(tensor_parallel.ColumnParallelLinear):
             x = gather_sequence(x)
         return super().forward(x, weight)[0]
 
+    def parallel_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x as this layer's GEMM takes it, for ops that fuse the GEMM (linear_cross_entropy):
+        gathered along the sequence under SP, else copied into the TP region (backward: summed
+        over TP, the all-reduce megatron's layer does on its input gradient)."""
+        if self.sequence_parallel_input:
+            return gather_sequence(x)
+        return tensor_parallel.copy_to_tensor_model_parallel_region(x)
+
 
 class RowParallelLinear(tensor_parallel.RowParallelLinear):
     """megatron-core's row-parallel linear (no bias, input split over TP). Its output is summed over
@@ -105,6 +114,40 @@ def upcast(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+def fused_on_cuda(fn):
+    """fn through torch.compile for CUDA tensors, which fuses its elementwise chain (and the float32
+    round trips) into a kernel or two each way; fn itself elsewhere (the CPU reference path).
+    `.eager` is fn, for the tests that compare the two on the GPU."""
+    compiled = torch.compile(fn)
+
+    @functools.wraps(fn)
+    def run(x, *args, **kwargs):
+        return (compiled if x.is_cuda else fn)(x, *args, **kwargs)
+
+    run.eager = fn
+    return run
+
+
+@fused_on_cuda
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = upcast(x)
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * upcast(weight)).to(x.dtype)
+
+
+@fused_on_cuda
+def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """rms_norm(x) * SiLU(gate): the mixer's output norm."""
+    return rms_norm.eager(x, weight, eps) * F.silu(gate)
+
+
+@fused_on_cuda
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) * up of the fused [..., 2F] projection."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 class RMSNorm(nn.Module):
     """RMSNorm over the last dimension, computed in (at least) float32.
 
@@ -119,9 +162,7 @@ class RMSNorm(nn.Module):
         self.weight = replicated_parameter((dim,), constant_init(1.0), config, sum_grad_over_tp=partial_input)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = upcast(x)
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * upcast(self.weight)).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class SwiGLUMLP(nn.Module):
@@ -136,8 +177,7 @@ class SwiGLUMLP(nn.Module):
                                       sequence_parallel=sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+        return self.down(swiglu(self.gate_up(x)))
 
 
 def causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
@@ -152,6 +192,17 @@ def causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor, position: torch
         shifted = F.pad(x[:, :-s], (0, 0, s, 0))
         y = y + (shifted * (position >= s)[..., None].to(x.dtype)) * weight[:, W - 1 - s]
     return y
+
+
+def short_conv(x: torch.Tensor, weight: torch.Tensor, position: torch.Tensor, silu_channels: int) -> torch.Tensor:
+    """causal_depthwise_conv, then SiLU on the first silu_channels channels: one Triton kernel for
+    forward and one for backward on CUDA (kernels/conv), this PyTorch code elsewhere."""
+    if x.is_cuda:
+        from prism_megatron.kernels.conv.causal_conv import causal_conv
+
+        return causal_conv(x, weight, position, silu_channels)
+    y = causal_depthwise_conv(x, weight, position)
+    return torch.cat([F.silu(y[..., :silu_channels]), y[..., silu_channels:]], -1)
 
 
 def conv_init(width: int) -> Init:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core import ModelParallelConfig
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from prism_megatron.config import ModelConfig
 from prism_megatron.context_parallel import ContextSlice, context_parallel_recurrence
@@ -29,12 +30,14 @@ from prism_megatron.layers import (
     ColumnParallelLinear,
     RMSNorm,
     RowParallelLinear,
-    causal_depthwise_conv,
     check_divides,
     conv_init,
+    fused_on_cuda,
+    gated_rms_norm,
+    short_conv,
     upcast,
 )
-from prism_megatron.ops import prism_recurrence
+from prism_megatron.ops import PackedSequences, prism_recurrence
 from prism_megatron.process_groups import tp_size
 from prism_megatron.sharding import normal_init, sharded_parameter
 from prism_megatron.solver import PrismSolver, l2norm
@@ -91,6 +94,12 @@ def dt_bias_init(shape, gen, device, dt_min: float = 1e-3, dt_max: float = 0.1):
     return dt + torch.log(-torch.expm1(-dt))
 
 
+@fused_on_cuda
+def decay(a: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor) -> torch.Tensor:
+    """g = -exp(A_log) * softplus(a + dt_bias), in float32."""
+    return -torch.exp(upcast(A_log)) * F.softplus(upcast(a) + upcast(dt_bias))
+
+
 class PrismMixer(nn.Module):
     def __init__(self, cfg: ModelConfig, *, config: ModelParallelConfig, sequence_parallel: bool, out_init_std: float):
         super().__init__()
@@ -100,6 +109,7 @@ class PrismMixer(nn.Module):
         self.heads = H // tp_size()
         self.head_k_dim, self.head_v_dim = K, V
         self.backend = cfg.kernel_backend
+        self.recompute_heads = cfg.recompute == "selective"
 
         self.layout = InProjLayout.for_config(cfg)
         self.local_conv = sum(self.layout.conv_sizes) // tp_size()
@@ -118,7 +128,7 @@ class PrismMixer(nn.Module):
         self.out_proj = RowParallelLinear(H * V, cfg.hidden_size, config=config, init=normal_init(out_init_std),
                                           sequence_parallel=sequence_parallel)
 
-    def forward(self, x: torch.Tensor, position: torch.Tensor, cu_seqlens: torch.Tensor | None,
+    def forward(self, x: torch.Tensor, position: torch.Tensor, cu_seqlens: PackedSequences | None,
                 context: ContextSlice | None = None) -> torch.Tensor:
         """x: [B, T, D] normed (T/tp of it under sequence parallelism); position: [B, T] within each
         sequence; with cu_seqlens the batch is treated as one packed row of B*T tokens. Under context
@@ -126,24 +136,39 @@ class PrismMixer(nn.Module):
         cu_seqlens are then unused) and the local sequences are packed the same way."""
         h = self.in_proj(x)
         B, T, _ = h.shape
+        conv = None
         if context is not None:
-            conv = cp_causal_conv(h[..., : self.local_conv], self.conv_weight, context)
-            h, conv = h.reshape(1, B * T, -1), conv.reshape(1, B * T, -1)
+            # The previous rank's last inputs join each row before the rows are packed.
+            conv = cp_causal_conv(h[..., : self.local_conv], self.conv_weight, context).reshape(1, B * T, -1)
+            h, position = h.reshape(1, B * T, -1), None
+        elif cu_seqlens is not None:
+            h = h.reshape(1, B * T, -1)
+            position = position.reshape(1, B * T)
+        if self.recompute_heads:
+            o = checkpoint(self.mix, h, position, cu_seqlens, context, conv, use_reentrant=False)
         else:
-            if cu_seqlens is not None:
-                h = h.reshape(1, B * T, -1)
-                position = position.reshape(1, B * T)
-            conv = causal_depthwise_conv(h[..., : self.local_conv], self.conv_weight, position)
+            o = self.mix(h, position, cu_seqlens, context, conv)
+        return self.out_proj(o.reshape(B, T, -1))
+
+    def mix(self, h: torch.Tensor, position: torch.Tensor | None, cu_seqlens: PackedSequences | None,
+            context: ContextSlice | None, conv: torch.Tensor | None) -> torch.Tensor:
+        """in_proj's output -> the recurrence's output, normed and gated, per head: everything between
+        the two GEMMs, which model.recompute = selective re-runs in the backward. `conv`: the short
+        convolution's output before SiLU where context parallelism has formed it already."""
         layout, tp = self.layout, tp_size()
-        conv = layout.split(conv, tp, layout.conv_parts)
-        q, k, v = (F.silu(x) for x in conv[:3])
+        silu_channels = sum(layout.conv_sizes[:3]) // tp
+        if conv is None:
+            conv = short_conv(h[..., : self.local_conv], self.conv_weight, position, silu_channels)
+        else:
+            conv = torch.cat([F.silu(conv[..., :silu_channels]), conv[..., silu_channels:]], -1)
+        q, k, v, *u = layout.split(conv, tp, layout.conv_parts)
         heads = h.shape[:2] + (self.heads, -1)
         q, k, v = l2norm(q.reshape(heads)), l2norm(k.reshape(heads)), v.reshape(heads)
         z, a, *b = layout.split(h[..., self.local_conv:], tp, layout.gate_parts)
         z = z.reshape(heads)
-        g = -torch.exp(upcast(self.A_log)) * F.softplus(upcast(a) + upcast(self.dt_bias))
+        g = decay(a, self.A_log, self.dt_bias)
         if self.prism:
-            d, kx, beta = self.solver(conv[3].reshape(heads), v)
+            d, kx, beta = self.solver(u[0].reshape(heads), v)
         else:
             d, kx, beta = v.unsqueeze(3), None, torch.sigmoid(b[0]).unsqueeze(3)
         scale = self.head_k_dim**-0.5
@@ -152,5 +177,4 @@ class PrismMixer(nn.Module):
         else:
             o, _ = prism_recurrence(q, k, d, kx, beta.to(q.dtype), g, scale=scale,
                                     cu_seqlens=cu_seqlens, backend=self.backend)
-        o = self.out_norm(o) * F.silu(z)
-        return self.out_proj(o.reshape(B, T, -1))
+        return gated_rms_norm(o, z, self.out_norm.weight, self.out_norm.eps)

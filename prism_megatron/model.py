@@ -13,11 +13,14 @@ import zlib
 import torch
 from megatron.core import tensor_parallel
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from prism_megatron.config import ModelConfig, ParallelConfig
 from prism_megatron.context_parallel import ContextSlice
+from prism_megatron.kernels.fused.linear_cross_entropy import linear_cross_entropy
 from prism_megatron.layers import ColumnParallelLinear, RMSNorm, SwiGLUMLP, megatron_config, no_megatron_init
 from prism_megatron.mixer import PrismMixer
+from prism_megatron.ops import PackedSequences
 from prism_megatron.process_groups import cp_size, tp_group, tp_rank, tp_size
 from prism_megatron.sequence_parallel import scatter_sequence
 from prism_megatron.sharding import (
@@ -104,21 +107,28 @@ class PrismLM(nn.Module):
                              "which sequence parallelism needs")
         # Under context parallelism tokens are this rank's slice of each row; cu_seqlens is the samples'.
         context = None
-        position = token_positions(B, T * cp_size(), cu_seqlens, tokens.device)
         if cp_size() > 1:
-            context = ContextSlice.build(position)
+            context = ContextSlice.build(token_positions(B, T * cp_size(), cu_seqlens, tokens.device))
+            position, cu_seqlens = None, None
+        else:
+            position = token_positions(B, T, cu_seqlens, tokens.device)
+            if cu_seqlens is not None:  # checked once here, not in every layer
+                cu_seqlens = PackedSequences(cu_seqlens.to(tokens.device), B * T)
         x = self.embedding(tokens)
         if self.sequence_parallel:
             x = scatter_sequence(x)
         for layer in self.layers:
-            x = layer(x, position, cu_seqlens, context)
+            if self.config.recompute == "full":
+                x = checkpoint(layer, x, position, cu_seqlens, context, use_reentrant=False)
+            else:
+                x = layer(x, position, cu_seqlens, context)
         x = self.final_norm(x)
-        logits = self.lm_head(x, self.embedding.weight if self.config.tie_embeddings else None)
-        logits = self._mask_vocab_padding(logits)
+        head_weight = self.embedding.weight if self.config.tie_embeddings else self.lm_head.weight
         if labels is None:
-            return logits
+            return self._mask_vocab_padding(self.lm_head(x, head_weight))
+        x = self.lm_head.parallel_input(x)
         # Under CP the mean over this rank's equal slice: the mean over CP ranks is the samples' mean.
-        return tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels).mean()
+        return linear_cross_entropy(x.flatten(0, 1), head_weight, labels.flatten(), self.config.vocab_size).mean()
 
     def _mask_vocab_padding(self, logits: torch.Tensor) -> torch.Tensor:
         """Padded vocabulary entries get -inf logits: they never win the softmax nor get a gradient."""

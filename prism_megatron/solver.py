@@ -15,14 +15,33 @@ import torch.nn.functional as F
 from megatron.core import ModelParallelConfig
 from torch import nn
 
-from prism_megatron.layers import upcast
+from prism_megatron.layers import fused_on_cuda, upcast
 from prism_megatron.sharding import constant_init, normal_init, sharded_parameter
 
 
+@fused_on_cuda
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """x / sqrt(|x|^2 + eps) over the last dimension (fla's l2norm)."""
     xf = upcast(x)
     return (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+@fused_on_cuda
+def directions(gain: torch.Tensor, gain_bias: torch.Tensor, v: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The residual chain: gain [B, T, H, L, V] (before its bias), v, u [B, T, H, V] -> d [B, T, H, L, V]."""
+    gain = gain + gain_bias
+    residual = v - u
+    steps = []
+    for step in range(gain.shape[3]):
+        d = F.gelu(gain[:, :, :, step] * residual)
+        steps.append(d)
+        residual = residual - d
+    return torch.stack(steps, dim=3)
+
+
+@fused_on_cuda
+def strengths(logits: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return torch.sigmoid(logits + bias)
 
 
 class PrismSolver(nn.Module):
@@ -44,15 +63,10 @@ class PrismSolver(nn.Module):
 
     def forward(self, u: torch.Tensor, v: torch.Tensor):
         """u, v: [B, T, H, V] -> d [B, T, H, L, V], kx [B, T, H, L-1, K] or None, beta [B, T, H, L]."""
-        gain = torch.einsum("bthv,hlwv->bthlw", u, self.gain_weight) + self.gain_bias
-        residual = v - u
-        directions = []
-        for step in range(self.steps):
-            d = F.gelu(gain[:, :, :, step] * residual)
-            directions.append(d)
-            residual = residual - d
-        beta = torch.sigmoid(torch.einsum("bthv,hlv->bthl", u, self.strength_weight) + self.strength_bias)
+        gain = torch.einsum("bthv,hlwv->bthlw", u, self.gain_weight)
+        d = directions(gain, self.gain_bias, v, u)
+        beta = strengths(torch.einsum("bthv,hlv->bthl", u, self.strength_weight), self.strength_bias)
         kx = None
         if self.key_weight is not None:
             kx = l2norm(torch.einsum("bthv,hlkv->bthlk", u, self.key_weight))
-        return torch.stack(directions, dim=3), kx, beta
+        return d, kx, beta

@@ -126,7 +126,7 @@ def test_presets(name, low, high):
     assert low <= model.num_parameters() <= high
 
 
-@pytest.mark.parametrize("field,value", [("solver", "gdn"), ("num_heads", 0), ("norm_eps", 0.0)])
+@pytest.mark.parametrize("field,value", [("solver", "gdn"), ("recompute", "some"), ("num_heads", 0), ("norm_eps", 0.0)])
 def test_bad_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=f"model.{field}"):
         ModelConfig(**{field: value}).validate()
@@ -144,3 +144,43 @@ def test_weight_decay_spares_biases_and_norms():
     assert {"gain_bias", "strength_bias", "dt_bias", "A_log"} <= spared
     assert {"gain_weight", "key_weight", "strength_weight", "weight"} <= decayed
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_packed_layout_is_built_once_per_batch(monkeypatch):
+    """The Triton path reads cu_seqlens back to the host once per forward (in PrismLM.forward) and
+    builds the kernel's chunk table once, not once per layer."""
+    from prism_megatron.kernels.prism import launch_config
+
+    model = _model(num_layers=3, kernel_backend="triton")
+    reads, tables = [], []
+    tolist, table_init = torch.Tensor.tolist, launch_config.PackedChunkTable.__init__
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append(self.shape) or tolist(self))
+    monkeypatch.setattr(launch_config.PackedChunkTable, "__init__",
+                        lambda self, cu: tables.append(cu.shape) or table_init(self, cu))
+    model(torch.zeros(1, 16, dtype=torch.long), cu_seqlens=torch.tensor([0, 7, 16])).sum().backward()
+    assert reads == [torch.Size([3])] and tables == [torch.Size([3])]
+
+
+@pytest.mark.parametrize("recompute", ["selective", "full"])
+def test_recompute_gives_the_same_gradients(recompute, monkeypatch):
+    """Recomputation re-runs the recurrence in the backward and changes no loss or gradient (float64,
+    packed documents)."""
+    from prism_megatron import mixer
+
+    calls = []
+    recurrence = mixer.prism_recurrence
+    monkeypatch.setattr(mixer, "prism_recurrence", lambda *a, **kw: calls.append(1) or recurrence(*a, **kw))
+    gen = torch.Generator().manual_seed(4)
+    tokens, labels = torch.randint(0, 64, (2, 10), generator=gen), torch.randint(0, 64, (2, 10), generator=gen)
+    cu_seqlens = torch.tensor([0, 3, 10, 20])
+    results = []
+    for mode in ("none", recompute):
+        model = _model(recompute=mode).double()
+        loss = model(tokens, labels, cu_seqlens=cu_seqlens)
+        loss.backward()
+        results.append((loss, {name: p.grad for name, p in model.named_parameters()}))
+    assert len(calls) == 3 * SMALL["num_layers"]  # once per layer without recomputation, twice with
+    (loss, grads), (loss_r, grads_r) = results
+    torch.testing.assert_close(loss_r, loss, atol=0, rtol=0)
+    for name in grads:
+        torch.testing.assert_close(grads_r[name], grads[name], atol=1e-14, rtol=1e-12, msg=name)

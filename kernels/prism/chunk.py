@@ -103,14 +103,16 @@ def chunk_prism_recurrence(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
+    table: PackedChunkTable | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The PRISM recurrence (contract: PRISM.md section 1, checked by prism_megatron.ops.prism_recurrence);
-    returns (o, final_state or None)."""
+    returns (o, final_state or None). `table`, cu_seqlens' chunk table built already, saves the host sync
+    of building it here."""
     _check_kernel_limits(q, d)
     B, T, H, K = q.shape
-    if cu_seqlens is None:
+    if table is None and cu_seqlens is None:
         table = _fixed_length_table(B, T, q.device)
-    else:
+    elif table is None:
         table = PackedChunkTable(cu_seqlens.to(device=q.device, dtype=torch.int64))
     flat = [None if x is None else x.reshape(B * T, *x.shape[2:]).contiguous() for x in (q, k, d, kx, beta, g)]
     if initial_state is not None:

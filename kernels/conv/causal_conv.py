@@ -1,0 +1,124 @@
+"""The causal depthwise short convolution of the mixer, with document resets and an optional SiLU on
+its leading channels, forward and backward each one Triton kernel over all channels.
+
+    y_t = act(sum_s w[:, W-1-s] * x_{t-s} [position_t >= s])      act = SiLU on channels < silu_channels
+
+x [N, C] (rows may be strided: the mixer passes its slice of the in_proj output without a copy),
+w [C, W], position [N] each token's index within its sequence, read in the kernel, so a window never
+reaches into the previous document or row. Sums in float32 (float64 for float64 inputs); y in x's
+dtype. The backward recomputes the pre-activations it needs (W per token: a few reads that hit the
+cache) instead of saving them, and writes the weight gradient as per-block partial sums that torch
+adds up (no atomics: deterministic). Reference: prism_megatron.layers.causal_depthwise_conv, then
+F.silu on the leading channels.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_TOKENS = 64
+BLOCK_CHANNELS = 128
+
+
+@triton.jit
+def _window(x, w, pos, t, o_c, m_c, N, stride_x, W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+            ACC: tl.constexpr):
+    """Pre-activations [BT, BC] at tokens t (a vector; rows past N or before 0 give 0)."""
+    p = tl.load(pos + t, mask=(t >= 0) & (t < N), other=-1)
+    acc = tl.zeros([BT, BC], dtype=ACC)
+    for s in tl.static_range(W):
+        m = ((p >= s) & (t - s >= 0) & (t < N))[:, None] & m_c[None, :]
+        b_x = tl.load(x + (t - s).to(tl.int64)[:, None] * stride_x + o_c[None, :], mask=m, other=0.0).to(ACC)
+        b_w = tl.load(w + o_c * W + (W - 1 - s), mask=m_c, other=0.0).to(ACC)
+        acc += b_x * b_w[None, :]
+    return acc
+
+
+@triton.jit
+def _conv_fwd(x, w, pos, y, N, stride_x, C, silu_channels,
+              W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr):
+    t = tl.program_id(0) * BT + tl.arange(0, BT)
+    o_c = tl.program_id(1) * BC + tl.arange(0, BC)
+    m_c = o_c < C
+    acc = _window(x, w, pos, t, o_c, m_c, N, stride_x, W, BT, BC, ACC)
+    act = acc / (1.0 + tl.exp(-acc))
+    acc = tl.where((o_c < silu_channels)[None, :], act, acc)
+    m = (t < N)[:, None] & m_c[None, :]
+    tl.store(y + t.to(tl.int64)[:, None] * C + o_c[None, :], acc.to(y.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _conv_bwd(x, w, pos, dy, dx, dw_part, N, stride_x, C, silu_channels,
+              W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr):
+    """dx_t = sum_s w[W-1-s] dpre_{t+s} [pos_{t+s} >= s];  dw[W-1-s] = sum_t dpre_t x_{t-s} [pos_t >= s]."""
+    i_t = tl.program_id(0)
+    t = i_t * BT + tl.arange(0, BT)
+    o_c = tl.program_id(1) * BC + tl.arange(0, BC)
+    m_c = o_c < C
+    silu = (o_c < silu_channels)[None, :]
+    b_dx = tl.zeros([BT, BC], dtype=ACC)
+    dpre_t = tl.zeros([BT, BC], dtype=ACC)
+    for s in tl.static_range(W):
+        ts = t + s
+        m_ts = ts < N
+        pre = _window(x, w, pos, ts, o_c, m_c, N, stride_x, W, BT, BC, ACC)
+        b_dy = tl.load(dy + ts.to(tl.int64)[:, None] * C + o_c[None, :], mask=m_ts[:, None] & m_c[None, :],
+                       other=0.0).to(ACC)
+        sig = 1.0 / (1.0 + tl.exp(-pre))
+        dpre = tl.where(silu, b_dy * sig * (1.0 + pre * (1.0 - sig)), b_dy)
+        p = tl.load(pos + ts, mask=m_ts, other=-1)
+        b_w = tl.load(w + o_c * W + (W - 1 - s), mask=m_c, other=0.0).to(ACC)
+        b_dx += tl.where((p >= s)[:, None], dpre * b_w[None, :], 0.0)
+        if s == 0:
+            dpre_t = dpre
+    m_t = t < N
+    tl.store(dx + t.to(tl.int64)[:, None] * C + o_c[None, :], b_dx.to(dx.dtype.element_ty),
+             mask=m_t[:, None] & m_c[None, :])
+    p_t = tl.load(pos + t, mask=m_t, other=-1)
+    for s in tl.static_range(W):
+        m = ((p_t >= s) & (t - s >= 0) & m_t)[:, None] & m_c[None, :]
+        b_x = tl.load(x + (t - s).to(tl.int64)[:, None] * stride_x + o_c[None, :], mask=m, other=0.0).to(ACC)
+        part = tl.sum(dpre_t * b_x, axis=0)
+        tl.store(dw_part + (i_t * C + o_c).to(tl.int64) * W + (W - 1 - s), part, mask=m_c)
+
+
+def _launch_args(x: torch.Tensor):
+    N, C = x.shape
+    grid = (triton.cdiv(N, BLOCK_TOKENS), triton.cdiv(C, BLOCK_CHANNELS))
+    acc = tl.float64 if x.dtype == torch.float64 else tl.float32
+    return N, C, grid, dict(BT=BLOCK_TOKENS, BC=BLOCK_CHANNELS, ACC=acc)
+
+
+class CausalConvFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, position, silu_channels):
+        N, C, grid, meta = _launch_args(x)
+        y = x.new_empty(N, C)
+        _conv_fwd[grid](x, weight, position, y, N, x.stride(0), C, silu_channels, W=weight.shape[1], **meta)
+        ctx.save_for_backward(x, weight, position)
+        ctx.silu_channels = silu_channels
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, position = ctx.saved_tensors
+        N, C, grid, meta = _launch_args(x)
+        W = weight.shape[1]
+        dx = torch.empty(N, C, dtype=x.dtype, device=x.device)
+        acc_dtype = torch.promote_types(x.dtype, torch.float32)
+        dw_part = torch.empty(grid[0], C, W, dtype=acc_dtype, device=x.device)
+        _conv_bwd[grid](x, weight, position, dy.contiguous(), dx, dw_part, N, x.stride(0), C, ctx.silu_channels,
+                        W=W, **meta)
+        return dx, dw_part.sum(0).to(weight.dtype), None, None
+
+
+def causal_conv(x: torch.Tensor, weight: torch.Tensor, position: torch.Tensor, silu_channels: int = 0) -> torch.Tensor:
+    """x [..., C] (last dimension contiguous), weight [C, W], position [...] -> y [..., C]; SiLU on the
+    first silu_channels channels."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    flat = x.reshape(-1, x.shape[-1])  # a view of the mixer's strided slice: its rows stay strided
+    y = CausalConvFunction.apply(flat, weight.contiguous(), position.reshape(-1).to(torch.int32).contiguous(),
+                                 silu_channels)
+    return y.view(x.shape)
