@@ -24,6 +24,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
+from prism_megatron.files import write_atomic
 from prism_megatron.launch.config import ConfigError, load_config
 
 VOCAB_SIZE = 2048
@@ -138,18 +139,16 @@ def build_data(sources: list[Path], data_dir: Path) -> tuple[Path, int]:
 
 
 def write_corpus(sources: list[Path], corpus: Path) -> None:
-    """One JSON line {"text", "path"} per source file, written to a temporary name then renamed."""
-    tmp = corpus.with_name(corpus.name + ".tmp")
-    repaired = 0
-    with open(tmp, "w", encoding="utf-8") as out:
-        for p in sources:
-            data = p.read_bytes()
-            try:
-                text = data.decode("utf-8")
-            except UnicodeDecodeError:  # a few test files are Latin-1 on purpose
-                text, repaired = data.decode("utf-8", errors="replace"), repaired + 1
-            out.write(json.dumps({"text": text, "path": str(p)}) + "\n")
-    os.replace(tmp, corpus)
+    """One JSON line {"text", "path"} per source file, written whole or not at all."""
+    lines, repaired = [], 0
+    for p in sources:
+        data = p.read_bytes()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:  # a few test files are Latin-1 on purpose
+            text, repaired = data.decode("utf-8", errors="replace"), repaired + 1
+        lines.append(json.dumps({"text": text, "path": str(p)}) + "\n")
+    write_atomic(corpus, "".join(lines))
     say(f"corpus: {len(sources):,} files, {corpus.stat().st_size / 1e6:.1f} MB -> {corpus}"
         + (f" ({repaired} not UTF-8, undecodable bytes replaced)" if repaired else ""))
 
