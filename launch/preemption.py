@@ -143,7 +143,9 @@ def weights_finite(model: torch.nn.Module, device) -> bool:
     """Whether every rank's parameters are all finite (what a checkpoint may be written from)."""
     bad = torch.zeros(1, device=device)
     for param in model.parameters():
-        if param.numel() and not torch.isfinite(param.detach()).all():
+        # ZeRO-3 keeps each rank's partition in ds_tensor and leaves the parameter itself empty.
+        data = getattr(param, "ds_tensor", param).detach()
+        if data.numel() and not torch.isfinite(data).all():
             bad.fill_(1.0)
             break
     dist.all_reduce(bad, op=dist.ReduceOp.MAX)

@@ -187,7 +187,7 @@ def train(cfg: RunConfig, resume: bool = False, progress=None, allow_change: Seq
     def save() -> Path:
         """A checkpoint of this step, never of non-finite weights; the log says how long it took."""
         watchdog.beat("the step before a save")
-        if not preemption.weights_finite(engine.module, engine.device):
+        if not preemption.weights_finite(model, engine.device):
             good = checkpoint.committed(ckpt_dir)
             finish()
             raise preemption.RunStopped(
