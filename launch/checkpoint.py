@@ -339,7 +339,11 @@ def load_layout_free(engine, folder: Path) -> TrainState:
                 if tuple(full.shape) != expected:
                     raise CheckpointError(f"{folder}: {kind}/{name} has shape {list(full.shape)}, "
                                           f"the model needs {list(expected)}")
-                return spec.shard(full, tp_rank(), tp_size()).to(p.device)
+                try:
+                    return spec.shard(full, tp_rank(), tp_size()).to(p.device)
+                except ValueError as e:  # a TP size that does not divide this tensor's heads or width
+                    raise CheckpointError(f"{folder}: {name} cannot be split over this run's {tp_size()} "
+                                          f"tensor-parallel ranks: {e}") from None
 
             p.copy_(local("weight"))
             safe_set_full_fp32_param(p, local("fp32"))
