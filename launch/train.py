@@ -170,12 +170,17 @@ def train(cfg: RunConfig, resume: bool = False, progress=None, allow_change: Seq
         mine = range(dp_rank, len(valid_data), dp_size)
         total = torch.zeros(2, dtype=torch.float64, device=engine.device)  # loss x samples, samples
         with torch.no_grad():
-            for start in range(0, len(mine), t.micro_batch_size):
+            # As many rounds on every rank as on the one with the most samples (rank 0): the stop
+            # check is a collective.
+            rounds = -(-len(range(0, len(valid_data), dp_size)) // t.micro_batch_size)
+            for start in range(0, rounds * t.micro_batch_size, t.micro_batch_size):
                 watchdog.beat("an evaluation batch")
                 if stop.requested(engine.device):
                     engine.train()
                     return None
                 ids = mine[start:start + t.micro_batch_size]
+                if not ids:
+                    continue
                 batch = collate_samples([valid_data[g] for g in ids], with_cu_seqlens=d.with_cu_seqlens)
                 verifier.require(batch.pop("shards"))
                 loss = forward(engine, batch).double()
