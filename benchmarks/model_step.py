@@ -95,7 +95,7 @@ def run_prism(overrides: list[str], store: Path, warmup: int, steps: int, profil
     from prism_megatron.model import PrismLM
     from prism_megatron.process_groups import deepspeed_mpu, destroy_parallel, initialize_parallel
 
-    cfg = load_config(ROOT / "launch/configs/1.3b.yaml", overrides)
+    cfg = load_config(ROOT / "launch/configs/1.3b.yaml", [f"data.stores=[{store}]", *overrides])
     initialize_parallel(cfg.parallel, cfg.training.seed)
     model = PrismLM(cfg.model, cfg.parallel)
     n_params = model.num_parameters() - model.embedding.weight.numel() * (not cfg.model.tie_embeddings)
