@@ -120,7 +120,12 @@ def run_prism(overrides: list[str], store: Path, warmup: int, steps: int, profil
 
 
 def run_fla(store: Path, warmup: int, steps: int, profile: bool) -> dict:
+    import fla.ops.common.chunk_o as fla_chunk_o
     from fla.models import GatedDeltaNetConfig, GatedDeltaNetForCausalLM
+
+    # fla refuses its gated backward on Triton 3.4-3.7.0 on Hopper (fla #640, a miscompile of its
+    # dq/dk/dg kernel); the baseline is timed with that guard lifted, its gradients not trusted.
+    fla_chunk_o.TRITON_ABOVE_3_7_1 = True
 
     model = GatedDeltaNetForCausalLM(GatedDeltaNetConfig()).cuda()
     n_params = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
