@@ -18,3 +18,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def single_process():
+    """torch.distributed and megatron-core's groups as rank 0 of 1, for a module's tests; the
+    environment variables a bare start sets are put back afterwards."""
+    from prism_megatron.config import ParallelConfig
+    from prism_megatron.process_groups import destroy_parallel, initialize_parallel
+
+    saved = dict(os.environ)
+    initialize_parallel(ParallelConfig(), seed=0)
+    yield
+    destroy_parallel()
+    os.environ.clear()
+    os.environ.update(saved)

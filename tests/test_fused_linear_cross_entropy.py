@@ -3,27 +3,17 @@ vocabulary masked to -inf, megatron-core's vocab_parallel_cross_entropy on float
 TP and SP it runs inside the model in tests/test_tensor_parallel.py, against TP=1.)"""
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
 
-from prism_megatron.config import ParallelConfig
 from prism_megatron.kernels.fused.linear_cross_entropy import linear_cross_entropy
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_process():
-    from prism_megatron.process_groups import destroy_parallel, initialize_parallel
-
-    saved = dict(os.environ)
-    initialize_parallel(ParallelConfig(), seed=0)
-    yield
-    destroy_parallel()
-    os.environ.clear()
-    os.environ.update(saved)
+# Rank 0 of 1 (the model's TP layers need megatron-core's process groups).
+pytestmark = pytest.mark.usefixtures("single_process")
 
 
 def _reference(x, weight, labels, vocab_size):

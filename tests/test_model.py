@@ -2,7 +2,6 @@
 independent implementation, packed documents, presets, config errors."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -17,16 +16,8 @@ SMALL = dict(vocab_size=64, hidden_size=32, num_layers=2, num_heads=2, head_k_di
              ffn_hidden_size=48, conv_size=4)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_process():
-    from prism_megatron.process_groups import destroy_parallel, initialize_parallel
-
-    saved = dict(os.environ)
-    initialize_parallel(ParallelConfig(), seed=0)
-    yield
-    destroy_parallel()
-    os.environ.clear()
-    os.environ.update(saved)
+# Rank 0 of 1 (the model's TP layers need megatron-core's process groups).
+pytestmark = pytest.mark.usefixtures("single_process")
 
 
 def _model(**overrides):
