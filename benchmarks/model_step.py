@@ -1,4 +1,4 @@
-"""Training-step throughput of the 1.3B PrismLM against fla's GatedDeltaNetForCausalLM, one process.
+"""Training-step throughput of the 1.3B PrismLM against fla's GatedDeltaNetForCausalLM, one run.
 
     python benchmarks/model_step.py --store DIR | --build-store WORKDIR  [--steps 6] [--profile]
 
@@ -9,12 +9,13 @@ library sources, one document per file). fla's model runs at its default config 
 (bf16 autocast over float32 weights, fused AdamW), on the same batches' tokens. Prints per variant
 tokens/s over the timed steps (after --warmup steps that compile), MFU from 6N FLOPs a token (N: the
 parameters without the input embedding) against the H200's 989 TFLOP/s dense bf16, and peak memory;
-with --profile the top CUDA kernels of one step. Results also go to --json.
+with --profile the time of one step's forward, backward and optimizer step, and its top CUDA kernels
+and operators. Each variant runs in a process of its own (one after another), so that its peak memory
+is its own and one variant's failure loses no other's. Results also go to --json.
 """
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import subprocess
 import sys
@@ -63,14 +64,40 @@ def batches(store: Path, steps: int):
     return iter(DistributedBatchLoader(data, TOKENS[0], 0, 1, with_cu_seqlens=True))
 
 
-def cuda_profile(step) -> str:
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        step()
+def profile_step(phases) -> dict:
+    """One step, phase by phase (synchronised between phases), then one step under the profiler:
+    seconds per phase, the CUDA time in kernels against the step's wall time (a GPU that waits on
+    the host shows kernel time well under wall time), and the top kernels and operators."""
+    times = {}
+    for name, run in phases:
         torch.cuda.synchronize()
-    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=15)
+        started = time.perf_counter()
+        run()
+        torch.cuda.synchronize()
+        times[name] = round(time.perf_counter() - started, 4)
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        started = time.perf_counter()
+        for _, run in phases:
+            run()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - started
+    events = prof.key_averages()
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    cuda_total = sum(e.self_device_time_total for e in kernels) / 1e6
+    return dict(phase_seconds=times, profiled_wall_s=round(wall, 4), cuda_kernel_s=round(cuda_total, 4),
+                kernel_launches=sum(e.count for e in kernels),
+                kernels=events.table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=90),
+                operators=prof.key_averages(group_by_input_shape=False).table(
+                    sort_by="cuda_time_total", row_limit=40, max_name_column_width=60))
 
 
-def measure(step, n_params: int, warmup: int, steps: int, profile: bool) -> dict:
+def measure(phases, n_params: int, warmup: int, steps: int, profile: bool) -> dict:
+    """phases: (name, function) of one training step in order: forward, backward, optimizer step."""
+    def step():
+        for _, run in phases:
+            run()
+
     for _ in range(warmup):
         step()
     torch.cuda.synchronize()
@@ -83,7 +110,7 @@ def measure(step, n_params: int, warmup: int, steps: int, profile: bool) -> dict
     result = dict(tokens_per_sec=tokens_per_sec, mfu_6n=6 * n_params * tokens_per_sec / PEAK_FLOPS,
                   peak_memory_gb=torch.cuda.max_memory_allocated() / 1e9, parameters=n_params)
     if profile:
-        result["profile"] = cuda_profile(step)
+        result.update(profile_step(phases))
     return result
 
 
@@ -107,15 +134,16 @@ def run_prism(overrides: list[str], store: Path, warmup: int, steps: int, profil
         "bf16": {"enabled": True}, "zero_allow_untested_optimizer": True, "steps_per_print": 1 << 62})
     data = batches(store, warmup + steps + 2)
 
-    def step():
-        loss = forward(engine, next(data))
-        engine.backward(loss)
-        engine.step()
+    loss = None
 
+    def phase_forward():
+        nonlocal loss
+        loss = forward(engine, next(data))
+
+    phases = [("forward", phase_forward), ("backward", lambda: engine.backward(loss)), ("step", engine.step)]
     try:
-        return measure(step, n_params, warmup, steps, profile)
+        return measure(phases, n_params, warmup, steps, profile)
     finally:
-        del engine, model, optimizer
         destroy_parallel()
 
 
@@ -132,18 +160,47 @@ def run_fla(store: Path, warmup: int, steps: int, profile: bool) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)
     data = batches(store, warmup + steps + 2)
 
-    def step():
+    loss = None
+
+    def phase_forward():
+        nonlocal loss
         tokens = next(data)["tokens"].cuda()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = model(input_ids=tokens, labels=tokens).loss
-        loss.backward()
+
+    def phase_step():
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    phases = [("forward", phase_forward), ("backward", lambda: loss.backward()), ("step", phase_step)]
+    return measure(phases, n_params, warmup, steps, profile)
+
+
+def run_variant(name: str, store: Path, warmup: int, steps: int, profile: bool) -> dict:
+    started = time.perf_counter()
     try:
-        return measure(step, n_params, warmup, steps, profile)
-    finally:
-        del model, optimizer
+        if name == "fla-gdn":
+            result = run_fla(store, warmup, steps, profile)
+        else:
+            result = run_prism(VARIANTS[name], store, warmup, steps, profile)
+    except Exception:  # reported as this variant's row (OOM, a compile error)
+        result = dict(error=traceback.format_exc(limit=6))
+    return dict(variant=name, wall_s=round(time.perf_counter() - started, 1), **result)
+
+
+def report(result: dict, profile: bool) -> None:
+    name = result["variant"]
+    if "error" in result:
+        print(f"{name}: FAILED\n{result['error']}", flush=True)
+        return
+    print(f"{name}: {result['tokens_per_sec']:,.0f} tokens/s | MFU(6N) {100 * result['mfu_6n']:.1f}% | "
+          f"peak {result['peak_memory_gb']:.1f} GB | {result['parameters'] / 1e9:.2f}B params | "
+          f"{result['wall_s']} s", flush=True)
+    if profile:
+        print(f"  phases (s): {result['phase_seconds']} | profiled step {result['profiled_wall_s']} s, "
+              f"CUDA kernels {result['cuda_kernel_s']} s in {result['kernel_launches']} launches", flush=True)
+        print(result["kernels"], flush=True)
+        print(result["operators"], flush=True)
 
 
 def main() -> None:
@@ -155,30 +212,26 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds for each variant's process")
     parser.add_argument("--json", type=Path, help="append one JSON line per variant here")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one variant, result on stdout
     args = parser.parse_args()
     store = args.store or build_store(args.build_store)
+    if args.child:
+        print("RESULT " + json.dumps(run_variant(args.variants[0], store, args.warmup, args.steps, args.profile)))
+        return
     print(f"{torch.cuda.get_device_name()} | {TOKENS[0]} x {TOKENS[1]} tokens a step", flush=True)
     for name in args.variants:
-        started = time.perf_counter()
+        command = [sys.executable, __file__, "--child", "--store", str(store), "--variants", name,
+                   "--warmup", str(args.warmup), "--steps", str(args.steps)] + ["--profile"] * args.profile
         try:
-            if name == "fla-gdn":
-                result = run_fla(store, args.warmup, args.steps, args.profile)
-            else:
-                result = run_prism(VARIANTS[name], store, args.warmup, args.steps, args.profile)
-        except Exception:  # one variant's failure (OOM, a compile error) must not lose the others'
-            result = dict(error=traceback.format_exc(limit=4))
-        result = dict(variant=name, wall_s=round(time.perf_counter() - started, 1), **result)
-        gc.collect()
-        torch.cuda.empty_cache()
-        if "error" in result:
-            print(f"{name}: FAILED\n{result['error']}", flush=True)
-        else:
-            print(f"{name}: {result['tokens_per_sec']:,.0f} tokens/s | MFU(6N) {100 * result['mfu_6n']:.1f}% | "
-                  f"peak {result['peak_memory_gb']:.1f} GB | {result['parameters'] / 1e9:.2f}B params | "
-                  f"{result['wall_s']} s", flush=True)
-            if args.profile:
-                print(result["profile"], flush=True)
+            done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
+            lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+            result = (json.loads(lines[-1][len("RESULT "):]) if lines else
+                      dict(variant=name, error=f"exit {done.returncode}: {(done.stdout + done.stderr)[-3000:]}"))
+        except subprocess.TimeoutExpired:
+            result = dict(variant=name, error=f"no result within --timeout {args.timeout} s")
+        report(result, args.profile)
         if args.json:
             with args.json.open("a") as out:
                 out.write(json.dumps(result) + "\n")
