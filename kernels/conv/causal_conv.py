@@ -6,9 +6,9 @@ its leading channels, forward and backward each one Triton kernel over all chann
 x [N, C] (rows may be strided: the mixer passes its slice of the in_proj output without a copy),
 w [C, W], position [N] each token's index within its sequence, read in the kernel, so a window never
 reaches into the previous document or row. Sums in float32 (float64 for float64 inputs); y in x's
-dtype. The backward recomputes the pre-activations it needs (W per token: a few reads that hit the
-cache) instead of saving them, and writes the weight gradient as per-block partial sums that torch
-adds up (no atomics: deterministic). Reference: prism_megatron.layers.causal_depthwise_conv, then
+dtype. The backward recomputes the pre-activations instead of saving them (W reads per token that hit
+the cache), forms their gradient in a float32 buffer, then the taps' gradients from it, and writes the
+weight gradient as per-block partial sums that torch adds up (no atomics: deterministic). Reference: prism_megatron.layers.causal_depthwise_conv, then
 F.silu on the leading channels.
 """
 from __future__ import annotations
@@ -19,6 +19,9 @@ import triton.language as tl
 
 BLOCK_TOKENS = 64
 BLOCK_CHANNELS = 128
+# 8 warps: a [64, 128] float32 tile is then 32 registers a thread, and no kernel here holds more than
+# four tiles at once.
+NUM_WARPS = 8
 
 
 @triton.jit
@@ -49,45 +52,54 @@ def _conv_fwd(x, w, pos, y, N, stride_x, C, silu_channels,
 
 
 @triton.jit
-def _conv_bwd(x, w, pos, dy, dx, dw_part, N, stride_x, C, silu_channels,
-              W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr):
-    """dx_t = sum_s w[W-1-s] dpre_{t+s} [pos_{t+s} >= s];  dw[W-1-s] = sum_t dpre_t x_{t-s} [pos_t >= s]."""
+def _conv_bwd_pre(x, w, pos, dy, dpre, N, stride_x, C, silu_channels,
+                  W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr):
+    """dpre_t = dy_t * act'(pre_t): the gradient of the pre-activations, recomputed from x."""
+    t = tl.program_id(0) * BT + tl.arange(0, BT)
+    o_c = tl.program_id(1) * BC + tl.arange(0, BC)
+    m_c = o_c < C
+    m = (t < N)[:, None] & m_c[None, :]
+    b_dy = tl.load(dy + t.to(tl.int64)[:, None] * C + o_c[None, :], mask=m, other=0.0).to(ACC)
+    if tl.program_id(1) * BC < silu_channels:  # blocks past the SiLU channels pass dy through
+        pre = _window(x, w, pos, t, o_c, m_c, N, stride_x, W, BT, BC, ACC)
+        sig = 1.0 / (1.0 + tl.exp(-pre))
+        b_dy = tl.where((o_c < silu_channels)[None, :], b_dy * sig * (1.0 + pre * (1.0 - sig)), b_dy)
+    tl.store(dpre + t.to(tl.int64)[:, None] * C + o_c[None, :], b_dy, mask=m)
+
+
+@triton.jit
+def _conv_bwd_taps(x, w, pos, dpre, dx, dw_part, N, stride_x, C,
+                   W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr):
+    """dx_t = sum_s w[W-1-s] dpre_{t+s} [pos_{t+s} >= s];  dw[W-1-s] = sum_t dpre_t x_{t-s} [pos_t >= s]
+    (this block's part of the sum over t)."""
     i_t = tl.program_id(0)
     t = i_t * BT + tl.arange(0, BT)
     o_c = tl.program_id(1) * BC + tl.arange(0, BC)
     m_c = o_c < C
-    silu = (o_c < silu_channels)[None, :]
+    m_t = t < N
     b_dx = tl.zeros([BT, BC], dtype=ACC)
-    dpre_t = tl.zeros([BT, BC], dtype=ACC)
     for s in tl.static_range(W):
         ts = t + s
-        m_ts = ts < N
-        pre = _window(x, w, pos, ts, o_c, m_c, N, stride_x, W, BT, BC, ACC)
-        b_dy = tl.load(dy + ts.to(tl.int64)[:, None] * C + o_c[None, :], mask=m_ts[:, None] & m_c[None, :],
-                       other=0.0).to(ACC)
-        sig = 1.0 / (1.0 + tl.exp(-pre))
-        dpre = tl.where(silu, b_dy * sig * (1.0 + pre * (1.0 - sig)), b_dy)
-        p = tl.load(pos + ts, mask=m_ts, other=-1)
+        p = tl.load(pos + ts, mask=ts < N, other=-1)
+        m = (p >= s)[:, None] & m_c[None, :]
+        b_dpre = tl.load(dpre + ts.to(tl.int64)[:, None] * C + o_c[None, :], mask=m, other=0.0)
         b_w = tl.load(w + o_c * W + (W - 1 - s), mask=m_c, other=0.0).to(ACC)
-        b_dx += tl.where((p >= s)[:, None], dpre * b_w[None, :], 0.0)
-        if s == 0:
-            dpre_t = dpre
-    m_t = t < N
+        b_dx += b_dpre * b_w[None, :]
     tl.store(dx + t.to(tl.int64)[:, None] * C + o_c[None, :], b_dx.to(dx.dtype.element_ty),
              mask=m_t[:, None] & m_c[None, :])
+    b_dpre = tl.load(dpre + t.to(tl.int64)[:, None] * C + o_c[None, :], mask=m_t[:, None] & m_c[None, :], other=0.0)
     p_t = tl.load(pos + t, mask=m_t, other=-1)
     for s in tl.static_range(W):
         m = ((p_t >= s) & (t - s >= 0) & m_t)[:, None] & m_c[None, :]
         b_x = tl.load(x + (t - s).to(tl.int64)[:, None] * stride_x + o_c[None, :], mask=m, other=0.0).to(ACC)
-        part = tl.sum(dpre_t * b_x, axis=0)
-        tl.store(dw_part + (i_t * C + o_c).to(tl.int64) * W + (W - 1 - s), part, mask=m_c)
+        tl.store(dw_part + (i_t * C + o_c).to(tl.int64) * W + (W - 1 - s), tl.sum(b_dpre * b_x, axis=0), mask=m_c)
 
 
 def _launch_args(x: torch.Tensor):
     N, C = x.shape
     grid = (triton.cdiv(N, BLOCK_TOKENS), triton.cdiv(C, BLOCK_CHANNELS))
     acc = tl.float64 if x.dtype == torch.float64 else tl.float32
-    return N, C, grid, dict(BT=BLOCK_TOKENS, BC=BLOCK_CHANNELS, ACC=acc)
+    return N, C, grid, dict(BT=BLOCK_TOKENS, BC=BLOCK_CHANNELS, ACC=acc, num_warps=NUM_WARPS)
 
 
 class CausalConvFunction(torch.autograd.Function):
@@ -105,11 +117,15 @@ class CausalConvFunction(torch.autograd.Function):
         x, weight, position = ctx.saved_tensors
         N, C, grid, meta = _launch_args(x)
         W = weight.shape[1]
-        dx = torch.empty(N, C, dtype=x.dtype, device=x.device)
         acc_dtype = torch.promote_types(x.dtype, torch.float32)
+        # Two passes: the pre-activations' gradient, then the taps. One kernel doing both recomputed
+        # W windows per token and held too many tiles at once (its registers spilled).
+        dpre = torch.empty(N, C, dtype=acc_dtype, device=x.device)
+        _conv_bwd_pre[grid](x, weight, position, dy.contiguous(), dpre, N, x.stride(0), C, ctx.silu_channels,
+                            W=W, **meta)
+        dx = torch.empty(N, C, dtype=x.dtype, device=x.device)
         dw_part = torch.empty(grid[0], C, W, dtype=acc_dtype, device=x.device)
-        _conv_bwd[grid](x, weight, position, dy.contiguous(), dx, dw_part, N, x.stride(0), C, ctx.silu_channels,
-                        W=W, **meta)
+        _conv_bwd_taps[grid](x, weight, position, dpre, dx, dw_part, N, x.stride(0), C, W=W, **meta)
         return dx, dw_part.sum(0).to(weight.dtype), None, None
 
 
