@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 SOLVERS = ("prism", "none")
 RECOMPUTE = ("none", "selective", "full")
+FUSED_OPS = ("auto", "on", "off")
 
 
 @dataclass
@@ -31,6 +32,9 @@ class ModelConfig:
     # GEMMs (convolution, norms, solver, recurrence, gate), keeping the GEMMs' inputs; "full" re-runs
     # whole blocks, keeping only their inputs.
     recompute: str = "none"
+    # The layer's glue (short convolution, norms, solver, SwiGLU) as fused kernels or as
+    # the PyTorch code they replace: "auto" fuses on CUDA, "on" everywhere, "off" nowhere (layers.use_fused).
+    fused_ops: str = "auto"
 
     @property
     def write_steps(self) -> int:
@@ -43,6 +47,8 @@ class ModelConfig:
             raise ValueError(f"model.solver must be one of {SOLVERS}, got {self.solver!r}")
         if self.recompute not in RECOMPUTE:
             raise ValueError(f"model.recompute must be one of {RECOMPUTE}, got {self.recompute!r}")
+        if self.fused_ops not in FUSED_OPS:
+            raise ValueError(f"model.fused_ops must be one of {FUSED_OPS}, got {self.fused_ops!r}")
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "head_k_dim", "head_v_dim",
                      "ffn_hidden_size", "solver_steps", "conv_size"):
             if getattr(self, name) < 1:

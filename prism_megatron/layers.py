@@ -85,7 +85,7 @@ class ColumnParallelLinear(tensor_parallel.ColumnParallelLinear):
 
 class RowParallelLinear(tensor_parallel.RowParallelLinear):
     """megatron-core's row-parallel linear (no bias, input split over TP). Its output is summed over
-    TP: all-reduced by megatron, or under sequence parallelism reduce-scattered along the
+    TP: all-reduced by megatron's reduction, or under sequence parallelism reduce-scattered along the
     sequence by parallel.reduce_scatter_sequence (megatron's own reduce-scatter needs CUDA)."""
 
     def __init__(self, input_size: int, output_size: int, *, config: ModelParallelConfig, init: Init,
@@ -100,9 +100,19 @@ class RowParallelLinear(tensor_parallel.RowParallelLinear):
         set_init(self.weight, init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._reduce_output(F.linear(x, self.weight))
+
+    def of(self, fn, *inputs: torch.Tensor) -> torch.Tensor:
+        """self(fn(*inputs)) for an elementwise fn, which the backward runs again rather than keep its
+        output (LinearOfRecomputed)."""
+        return self._reduce_output(LinearOfRecomputed.apply(fn, self.weight, *inputs))
+
+    def _reduce_output(self, y: torch.Tensor) -> torch.Tensor:
+        """This rank's partial product -> the layer's output: summed over TP (reduce-scattered along
+        the sequence under SP)."""
         if self.sequence_parallel_output:
-            return reduce_scatter_sequence(F.linear(x, self.weight))
-        return super().forward(x)[0]
+            return reduce_scatter_sequence(y)
+        return tensor_parallel.reduce_from_tensor_model_parallel_region(y)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -114,38 +124,69 @@ def upcast(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def fused_on_cuda(fn):
-    """fn through torch.compile for CUDA tensors, which fuses its elementwise chain (and the float32
-    round trips) into a kernel or two each way; fn itself elsewhere (the CPU reference path).
-    `.eager` is fn, for the tests that compare the two on the GPU."""
-    compiled = torch.compile(fn)
-
-    @functools.wraps(fn)
-    def run(x, *args, **kwargs):
-        return (compiled if x.is_cuda else fn)(x, *args, **kwargs)
-
-    run.eager = fn
-    return run
+def use_fused(mode: str, x: torch.Tensor) -> bool:
+    """model.fused_ops: "auto" takes the fused kernels (torch.compile, Triton) for CUDA tensors and the
+    PyTorch reference elsewhere; "on" takes them everywhere (on the CPU through Triton's interpreter
+    and torch.compile's C++ backend: for checking them against the reference); "off" takes the
+    reference everywhere (for checking the fused model on the GPU)."""
+    return mode == "on" or (mode == "auto" and x.is_cuda)
 
 
-@fused_on_cuda
+class Fusable:
+    """fn (the PyTorch reference) and fn through torch.compile, which fuses its elementwise chain and
+    float32 round trips into a kernel or two each way; called as f(fused, *args)."""
+
+    def __init__(self, fn):
+        functools.update_wrapper(self, fn)
+        self.eager = fn
+        self.compiled = torch.compile(fn)
+
+    def __call__(self, fused: bool, *args, **kwargs):
+        return (self.compiled if fused else self.eager)(*args, **kwargs)
+
+
+@Fusable
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     xf = upcast(x)
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return (y * upcast(weight)).to(x.dtype)
 
 
-@fused_on_cuda
+@Fusable
 def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """rms_norm(x) * SiLU(gate): the mixer's output norm."""
     return rms_norm.eager(x, weight, eps) * F.silu(gate)
 
 
-@fused_on_cuda
+@Fusable
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     """SiLU(gate) * up of the fused [..., 2F] projection."""
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+class LinearOfRecomputed(torch.autograd.Function):
+    """F.linear(fn(*inputs), weight) that keeps fn's inputs, not its output, for the backward and runs
+    fn again there: for an elementwise fn whose inputs are held anyway (the SwiGLU of the MLP, the
+    mixer's gated output norm), one more elementwise pass instead of the GEMM input held from forward
+    to backward."""
+
+    @staticmethod
+    def forward(ctx, fn, weight, *inputs):
+        ctx.fn = fn
+        ctx.save_for_backward(weight, *inputs)
+        return F.linear(fn(*inputs), weight)
+
+    @staticmethod
+    def backward(ctx, dy):
+        weight, *inputs = ctx.saved_tensors
+        with torch.enable_grad():
+            inputs = [x.detach().requires_grad_(x.requires_grad) for x in inputs]
+            hidden = ctx.fn(*inputs)
+        dweight = dy.flatten(0, -2).T @ hidden.detach().flatten(0, -2)
+        wanted = [x for x in inputs if x.requires_grad]
+        grads = iter(torch.autograd.grad(hidden, wanted, dy @ weight))
+        return (None, dweight, *(next(grads) if x.requires_grad else None for x in inputs))
 
 
 class RMSNorm(nn.Module):
@@ -156,28 +197,30 @@ class RMSNorm(nn.Module):
     must be summed over TP.
     """
 
-    def __init__(self, dim: int, eps: float, config: ModelParallelConfig, partial_input: bool):
+    def __init__(self, dim: int, eps: float, config: ModelParallelConfig, partial_input: bool, fused_ops: str):
         super().__init__()
         self.eps = eps
+        self.fused_ops = fused_ops
         self.weight = replicated_parameter((dim,), constant_init(1.0), config, sum_grad_over_tp=partial_input)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        return rms_norm(use_fused(self.fused_ops, x), x, self.weight, self.eps)
 
 
 class SwiGLUMLP(nn.Module):
     """down(silu(gate(x)) * up(x)); gate and up are one fused column-parallel GEMM."""
 
     def __init__(self, hidden: int, ffn: int, *, config: ModelParallelConfig, init_std: float,
-                 out_init_std: float, sequence_parallel: bool):
+                 out_init_std: float, sequence_parallel: bool, fused_ops: str):
         super().__init__()
+        self.fused_ops = fused_ops
         self.gate_up = ColumnParallelLinear(hidden, 2 * ffn, config=config, init=normal_init(init_std),
                                             sequence_parallel=sequence_parallel, segments=(ffn, ffn))
         self.down = RowParallelLinear(ffn, hidden, config=config, init=normal_init(out_init_std),
                                       sequence_parallel=sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(swiglu(self.gate_up(x)))
+        return self.down.of(functools.partial(swiglu, use_fused(self.fused_ops, x)), self.gate_up(x))
 
 
 def causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
@@ -194,10 +237,11 @@ def causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor, position: torch
     return y
 
 
-def short_conv(x: torch.Tensor, weight: torch.Tensor, position: torch.Tensor, silu_channels: int) -> torch.Tensor:
-    """causal_depthwise_conv, then SiLU on the first silu_channels channels: one Triton kernel for
-    forward and one for backward on CUDA (kernels/conv), this PyTorch code elsewhere."""
-    if x.is_cuda:
+def short_conv(fused: bool, x: torch.Tensor, weight: torch.Tensor, position: torch.Tensor,
+               silu_channels: int) -> torch.Tensor:
+    """causal_depthwise_conv, then SiLU on the first silu_channels channels: Triton kernels (kernels/conv)
+    where fused, this PyTorch code otherwise."""
+    if fused:
         from prism_megatron.kernels.conv.causal_conv import causal_conv
 
         return causal_conv(x, weight, position, silu_channels)

@@ -14,6 +14,7 @@ that layout, the one description the mixer, its parameters' TP split and the tes
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -28,14 +29,15 @@ from prism_megatron.context_parallel import ContextSlice, context_parallel_recur
 from prism_megatron.context_parallel import causal_conv as cp_causal_conv
 from prism_megatron.layers import (
     ColumnParallelLinear,
+    Fusable,
     RMSNorm,
     RowParallelLinear,
     check_divides,
     conv_init,
-    fused_on_cuda,
     gated_rms_norm,
     short_conv,
     upcast,
+    use_fused,
 )
 from prism_megatron.ops import PackedSequences, prism_recurrence
 from prism_megatron.process_groups import tp_size
@@ -94,7 +96,7 @@ def dt_bias_init(shape, gen, device, dt_min: float = 1e-3, dt_max: float = 0.1):
     return dt + torch.log(-torch.expm1(-dt))
 
 
-@fused_on_cuda
+@Fusable
 def decay(a: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor) -> torch.Tensor:
     """g = -exp(A_log) * softplus(a + dt_bias), in float32."""
     return -torch.exp(upcast(A_log)) * F.softplus(upcast(a) + upcast(dt_bias))
@@ -109,6 +111,7 @@ class PrismMixer(nn.Module):
         self.heads = H // tp_size()
         self.head_k_dim, self.head_v_dim = K, V
         self.backend = cfg.kernel_backend
+        self.fused_ops = cfg.fused_ops
         self.recompute_heads = cfg.recompute == "selective"
 
         self.layout = InProjLayout.for_config(cfg)
@@ -124,7 +127,7 @@ class PrismMixer(nn.Module):
         self.solver = (PrismSolver(self.heads, K, V, cfg.solver_steps, config=config, init_std=cfg.init_std)
                        if self.prism else None)
         # One weight shared by all heads, applied here to this rank's heads only: partial gradient.
-        self.out_norm = RMSNorm(V, cfg.norm_eps, config, partial_input=True)
+        self.out_norm = RMSNorm(V, cfg.norm_eps, config, partial_input=True, fused_ops=cfg.fused_ops)
         self.out_proj = RowParallelLinear(H * V, cfg.hidden_size, config=config, init=normal_init(out_init_std),
                                           sequence_parallel=sequence_parallel)
 
@@ -136,45 +139,58 @@ class PrismMixer(nn.Module):
         cu_seqlens are then unused) and the local sequences are packed the same way."""
         h = self.in_proj(x)
         B, T, _ = h.shape
+        layout, tp = self.layout, tp_size()
+        conv_input, gates = self.split_conv(h)
         conv = None
         if context is not None:
             # The previous rank's last inputs join each row before the rows are packed.
-            conv = cp_causal_conv(h[..., : self.local_conv], self.conv_weight, context).reshape(1, B * T, -1)
-            h, position = h.reshape(1, B * T, -1), None
+            conv = cp_causal_conv(conv_input, self.conv_weight, context).reshape(1, B * T, -1)
+            position = None
         elif cu_seqlens is not None:
-            h = h.reshape(1, B * T, -1)
             position = position.reshape(1, B * T)
-        if self.recompute_heads:
-            o = checkpoint(self.mix, h, position, cu_seqlens, context, conv, use_reentrant=False)
-        else:
-            o = self.mix(h, position, cu_seqlens, context, conv)
-        return self.out_proj(o.reshape(B, T, -1))
+        if context is not None or cu_seqlens is not None:
+            conv_input, gates = conv_input.reshape(1, B * T, -1), gates.reshape(1, B * T, -1)
+        z, a, *b = layout.split(gates, tp, layout.gate_parts)
+        args = (conv_input, a, b[0] if b else None, position, cu_seqlens, context, conv)
+        o = checkpoint(self.mix, *args, use_reentrant=False) if self.recompute_heads else self.mix(*args)
+        norm = functools.partial(self.gated_norm, use_fused(self.fused_ops, h), (B, T, -1))
+        return self.out_proj.of(norm, o, z.reshape(o.shape), self.out_norm.weight)
 
-    def mix(self, h: torch.Tensor, position: torch.Tensor | None, cu_seqlens: PackedSequences | None,
-            context: ContextSlice | None, conv: torch.Tensor | None) -> torch.Tensor:
-        """in_proj's output -> the recurrence's output, normed and gated, per head: everything between
-        the two GEMMs, which model.recompute = selective re-runs in the backward. `conv`: the short
-        convolution's output before SiLU where context parallelism has formed it already."""
+    def mix(self, conv_input: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None, position: torch.Tensor | None,
+            cu_seqlens: PackedSequences | None, context: ContextSlice | None, conv: torch.Tensor | None) -> torch.Tensor:
+        """in_proj's outputs (the convolution's channels, the decay and, for Gated DeltaNet, the strength
+        logits) -> the recurrence's output per head: what model.recompute = selective re-runs in the
+        backward. `conv`: the short convolution's output before SiLU where context parallelism has
+        formed it already."""
         layout, tp = self.layout, tp_size()
+        fused = use_fused(self.fused_ops, conv_input)
         silu_channels = sum(layout.conv_sizes[:3]) // tp
         if conv is None:
-            conv = short_conv(h[..., : self.local_conv], self.conv_weight, position, silu_channels)
+            conv = short_conv(fused, conv_input, self.conv_weight, position, silu_channels)
         else:
             conv = torch.cat([F.silu(conv[..., :silu_channels]), conv[..., silu_channels:]], -1)
         q, k, v, *u = layout.split(conv, tp, layout.conv_parts)
-        heads = h.shape[:2] + (self.heads, -1)
-        q, k, v = l2norm(q.reshape(heads)), l2norm(k.reshape(heads)), v.reshape(heads)
-        z, a, *b = layout.split(h[..., self.local_conv:], tp, layout.gate_parts)
-        z = z.reshape(heads)
-        g = decay(a, self.A_log, self.dt_bias)
+        heads = conv_input.shape[:2] + (self.heads, -1)
+        q, k, v = l2norm(fused, q.reshape(heads)), l2norm(fused, k.reshape(heads)), v.reshape(heads)
+        g = decay(fused, a, self.A_log, self.dt_bias)
         if self.prism:
-            d, kx, beta = self.solver(u[0].reshape(heads), v)
+            d, kx, beta = self.solver(u[0].reshape(heads), v, fused)
         else:
-            d, kx, beta = v.unsqueeze(3), None, torch.sigmoid(b[0]).unsqueeze(3)
+            d, kx, beta = v.unsqueeze(3), None, torch.sigmoid(b).unsqueeze(3)
         scale = self.head_k_dim**-0.5
         if context is not None:
-            o = context_parallel_recurrence(q, k, d, kx, beta.to(q.dtype), g, scale, context, self.backend)
-        else:
-            o, _ = prism_recurrence(q, k, d, kx, beta.to(q.dtype), g, scale=scale,
-                                    cu_seqlens=cu_seqlens, backend=self.backend)
-        return gated_rms_norm(o, z, self.out_norm.weight, self.out_norm.eps)
+            return context_parallel_recurrence(q, k, d, kx, beta.to(q.dtype), g, scale, context, self.backend)
+        o, _ = prism_recurrence(q, k, d, kx, beta.to(q.dtype), g, scale=scale, cu_seqlens=cu_seqlens,
+                                backend=self.backend)
+        return o
+
+    def gated_norm(self, fused: bool, shape: tuple[int, ...], o: torch.Tensor, z: torch.Tensor,
+                   weight: torch.Tensor) -> torch.Tensor:
+        """RMSNorm(o) * SiLU(z) per head, as out_proj's input of `shape` (which out_proj's backward
+        recomputes rather than keeps)."""
+        return gated_rms_norm(fused, o, z, weight, self.out_norm.eps).reshape(shape)
+
+    def split_conv(self, h: torch.Tensor) -> list[torch.Tensor]:
+        """in_proj's output -> (the convolution's channels, the gates). One split, so the backward
+        joins the two gradients in one pass (two slices would each pad theirs to h's width first)."""
+        return list(h.split([self.local_conv, h.shape[-1] - self.local_conv], dim=-1))

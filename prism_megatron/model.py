@@ -37,11 +37,13 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, *, config, sequence_parallel: bool, out_init_std: float):
         super().__init__()
         # Under SP a norm sees only this rank's slice of the sequence: partial weight gradients.
-        self.mixer_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, config, partial_input=sequence_parallel)
+        self.mixer_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, config, partial_input=sequence_parallel,
+                                  fused_ops=cfg.fused_ops)
         self.mixer = PrismMixer(cfg, config=config, sequence_parallel=sequence_parallel, out_init_std=out_init_std)
-        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, config, partial_input=sequence_parallel)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, config, partial_input=sequence_parallel,
+                                fused_ops=cfg.fused_ops)
         self.mlp = SwiGLUMLP(cfg.hidden_size, cfg.ffn_hidden_size, config=config, init_std=cfg.init_std,
-                             out_init_std=out_init_std, sequence_parallel=sequence_parallel)
+                             out_init_std=out_init_std, sequence_parallel=sequence_parallel, fused_ops=cfg.fused_ops)
 
     def forward(self, x, position, cu_seqlens, context=None):
         x = x + self.mixer(self.mixer_norm(x), position, cu_seqlens, context)
@@ -73,7 +75,8 @@ class PrismLM(nn.Module):
         self.layers = nn.ModuleList(
             Block(config, config=mcfg, sequence_parallel=self.sequence_parallel, out_init_std=out_init_std)
             for _ in range(config.num_layers))
-        self.final_norm = RMSNorm(config.hidden_size, config.norm_eps, mcfg, partial_input=self.sequence_parallel)
+        self.final_norm = RMSNorm(config.hidden_size, config.norm_eps, mcfg, partial_input=self.sequence_parallel,
+                                  fused_ops=config.fused_ops)
         self.lm_head = ColumnParallelLinear(config.hidden_size, self.padded_vocab_size, config=mcfg,
                                             init=normal_init(config.init_std), sequence_parallel=self.sequence_parallel,
                                             skip_weight_param_allocation=config.tie_embeddings)

@@ -5,8 +5,11 @@ strengths from the anchor u and the value v, per head and token.
     kappa^l = l2norm(W_k^l u) (l >= 2),  b^l = sigmoid(w_b^l . u + c^l)
 
 Token-local, so under TP each rank holds the weights of its own heads and never communicates.
-All L gains, keys and strengths come from one batched einsum each; only the residual chain
-r -> d is sequential in l.
+All L gains, keys and strengths of a head come from one GEMM of the anchor (a batched matmul over
+heads); only the residual chain r -> d is sequential in l. The solver keeps only u and v for the
+backward and recomputes the rest there (one more GEMM and elementwise pass): its intermediates are
+as large as d and kx together, while u and v are views of the convolution's output, which the layer
+keeps anyway.
 """
 from __future__ import annotations
 
@@ -15,33 +18,39 @@ import torch.nn.functional as F
 from megatron.core import ModelParallelConfig
 from torch import nn
 
-from prism_megatron.layers import fused_on_cuda, upcast
+from torch.utils.checkpoint import checkpoint
+
+from prism_megatron.layers import Fusable, upcast
 from prism_megatron.sharding import constant_init, normal_init, sharded_parameter
 
 
-@fused_on_cuda
+@Fusable
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """x / sqrt(|x|^2 + eps) over the last dimension (fla's l2norm)."""
     xf = upcast(x)
     return (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + eps)).to(x.dtype)
 
 
-@fused_on_cuda
-def directions(gain: torch.Tensor, gain_bias: torch.Tensor, v: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """The residual chain: gain [B, T, H, L, V] (before its bias), v, u [B, T, H, V] -> d [B, T, H, L, V]."""
-    gain = gain + gain_bias
+@Fusable
+def solver_outputs(projection: torch.Tensor, gain_bias: torch.Tensor, strength_bias: torch.Tensor,
+                   v: torch.Tensor, u: torch.Tensor, key_dim: int):
+    """The elementwise part of the solver. projection [H, N, L*V + (L-1)*K + L]: per head the gains
+    (before their bias), the extra keys (before their norm) and the strength logits of the N tokens;
+    v, u [N, H, V] -> d [N, H, L, V], kx [N, H, L-1, K] or None, beta [N, H, L]."""
+    H, L, V = gain_bias.shape
+    per_token = projection.transpose(0, 1)
+    gain = per_token[..., : L * V].unflatten(-1, (L, V)) + gain_bias
     residual = v - u
     steps = []
-    for step in range(gain.shape[3]):
-        d = F.gelu(gain[:, :, :, step] * residual)
+    for step in range(L):
+        d = F.gelu(gain[:, :, step] * residual)
         steps.append(d)
         residual = residual - d
-    return torch.stack(steps, dim=3)
-
-
-@fused_on_cuda
-def strengths(logits: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    return torch.sigmoid(logits + bias)
+    kx = None
+    if L > 1:
+        kx = l2norm.eager(per_token[..., L * V: L * V + (L - 1) * key_dim].unflatten(-1, (L - 1, key_dim)))
+    beta = torch.sigmoid(per_token[..., L * V + (L - 1) * key_dim:] + strength_bias)
+    return torch.stack(steps, dim=2), kx, beta
 
 
 class PrismSolver(nn.Module):
@@ -61,12 +70,18 @@ class PrismSolver(nn.Module):
         self.strength_bias = head_param((L,), constant_init(0.0))
         self.steps = L
 
-    def forward(self, u: torch.Tensor, v: torch.Tensor):
+    def forward(self, u: torch.Tensor, v: torch.Tensor, fused: bool):
         """u, v: [B, T, H, V] -> d [B, T, H, L, V], kx [B, T, H, L-1, K] or None, beta [B, T, H, L]."""
-        gain = torch.einsum("bthv,hlwv->bthlw", u, self.gain_weight)
-        d = directions(gain, self.gain_bias, v, u)
-        beta = strengths(torch.einsum("bthv,hlv->bthl", u, self.strength_weight), self.strength_bias)
-        kx = None
+        d, kx, beta = checkpoint(self._solve, u.flatten(0, 1), v.flatten(0, 1), fused, use_reentrant=False)
+        tokens = u.shape[:2]
+        return d.unflatten(0, tokens), None if kx is None else kx.unflatten(0, tokens), beta.unflatten(0, tokens)
+
+    def _solve(self, u: torch.Tensor, v: torch.Tensor, fused: bool):
+        H, L, V = self.gain_bias.shape
+        parts = [self.gain_weight.reshape(H, L * V, V), self.strength_weight]
         if self.key_weight is not None:
-            kx = l2norm(torch.einsum("bthv,hlkv->bthlk", u, self.key_weight))
-        return d, kx, beta
+            parts.insert(1, self.key_weight.flatten(1, 2))
+        weight = torch.cat(parts, 1)  # [H, L*V + (L-1)*K + L, V]
+        projection = torch.bmm(u.transpose(0, 1), weight.transpose(1, 2))
+        key_dim = 0 if self.key_weight is None else self.key_weight.shape[2]
+        return solver_outputs(fused, projection, self.gain_bias, self.strength_bias, v, u, key_dim)

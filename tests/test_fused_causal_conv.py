@@ -11,6 +11,10 @@ from prism_megatron.layers import short_conv
 from prism_megatron.model import token_positions
 
 
+def reference(x, weight, position, silu_channels):
+    return short_conv(False, x, weight, position, silu_channels)
+
+
 def _run(fn, x, weight, position, silu_channels):
     x, weight = x.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
     y = fn(x, weight, position, silu_channels)
@@ -38,9 +42,8 @@ CASES = [  # B, T, C, W, cu_seqlens over the B*T tokens, strided, SiLU channels
 
 @pytest.mark.parametrize("B, T, C, W, cu_seqlens, strided, silu_channels", CASES)
 def test_matches_reference_float64(B, T, C, W, cu_seqlens, strided, silu_channels):
-    """On the CPU short_conv is the PyTorch code: the reference."""
     x, weight, position = _inputs(B, T, C, W, cu_seqlens, torch.float64, "cpu", strided)
-    ref = _run(short_conv, x, weight, position, silu_channels)
+    ref = _run(reference, x, weight, position, silu_channels)
     got = _run(causal_conv, x, weight, position, silu_channels)
     for name, a, b in zip(("y", "dx", "dweight"), got, ref):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12, msg=name)
@@ -53,7 +56,7 @@ def test_matches_reference_bfloat16_gpu(B, T, C, W, cu_seqlens, strided, silu_ch
     """bf16 on the GPU: within bf16 rounding of the float64 reference (the kernel sums in float32,
     the PyTorch code rounds after every tap)."""
     x, weight, position = _inputs(B, T, C, W, cu_seqlens, torch.bfloat16, "cuda", strided)
-    exact = _run(short_conv, x.double().cpu(), weight.double().cpu(), position.cpu(), silu_channels)
+    exact = _run(reference, x.double().cpu(), weight.double().cpu(), position.cpu(), silu_channels)
     got = _run(causal_conv, x, weight, position, silu_channels)
     for name, a, b in zip(("y", "dx", "dweight"), got, exact):
         scale = b.abs().max().item()
