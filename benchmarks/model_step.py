@@ -1,8 +1,10 @@
-"""Training-step throughput of the 1.3B PrismLM against fla's GatedDeltaNetForCausalLM, one run.
+"""Training-step throughput of a PrismLM preset against fla's GatedDeltaNetForCausalLM, one run.
 
     python benchmarks/model_step.py --store DIR | --build-store WORKDIR  [--steps 6] [--profile]
+        [--config launch/configs/1.3b.yaml] [--set KEY=VALUE ...] [--variants NAME ...]
 
-Each PRISM variant runs as prism-train runs it: PrismLM under a DeepSpeed engine (bf16, ZeRO-1, our
+Each PRISM variant (the preset of --config, 1.3B by default, with the variant's and --set's
+overrides) runs as prism-train runs it: PrismLM under a DeepSpeed engine (bf16, ZeRO-1, our
 AdamW instance), batches of 4 x 4096 tokens from the real loader (DistributedBatchLoader with
 cu_seqlens) on a token store made by prism-prep (--build-store: from this machine's Python standard
 library sources, one document per file). fla's model runs at its default config with its defaults
@@ -30,12 +32,14 @@ ROOT = Path(__file__).resolve().parents[1]
 PEAK_FLOPS = 989e12  # H200 dense bf16 (spec sheet)
 TOKENS = (4, 4096)
 CORPUS_BYTES = 20_000_000
-VARIANTS = {  # name -> --set overrides of launch/configs/1.3b.yaml
+VARIANTS = {  # name -> overrides of the --config preset
     "prism-L3": [],
     "prism-L3-selective": ["model.recompute=selective"],
     "prism-L3-full": ["model.recompute=full"],
     "prism-L1": ["model.solver_steps=1"],
     "solver-none": ["model.solver=none"],
+    # The same model with the PyTorch code the fused kernels replace (what fusing bought).
+    "prism-L3-reference": ["model.fused_ops=off"],
 }
 
 
@@ -67,7 +71,8 @@ def batches(store: Path, steps: int):
 def profile_step(phases) -> dict:
     """One step, phase by phase (synchronised between phases), then one step under the profiler:
     seconds per phase, the CUDA time in kernels against the step's wall time (a GPU that waits on
-    the host shows kernel time well under wall time), and the top kernels and operators."""
+    the host shows kernel time well under wall time), the top kernels, and the top operators by
+    their input shapes (which say where a copy or an elementwise kernel comes from)."""
     times = {}
     for name, run in phases:
         torch.cuda.synchronize()
@@ -76,7 +81,7 @@ def profile_step(phases) -> dict:
         torch.cuda.synchronize()
         times[name] = round(time.perf_counter() - started, 4)
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=activities) as prof:
+    with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
         started = time.perf_counter()
         for _, run in phases:
             run()
@@ -88,8 +93,9 @@ def profile_step(phases) -> dict:
     return dict(phase_seconds=times, profiled_wall_s=round(wall, 4), cuda_kernel_s=round(cuda_total, 4),
                 kernel_launches=sum(e.count for e in kernels),
                 kernels=events.table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=90),
-                operators=prof.key_averages(group_by_input_shape=False).table(
-                    sort_by="cuda_time_total", row_limit=40, max_name_column_width=60))
+                operators=prof.key_averages(group_by_input_shape=True).table(
+                    sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=40,
+                    max_shapes_column_width=70))
 
 
 def measure(phases, n_params: int, warmup: int, steps: int, profile: bool) -> dict:
@@ -114,24 +120,24 @@ def measure(phases, n_params: int, warmup: int, steps: int, profile: bool) -> di
     return result
 
 
-def run_prism(overrides: list[str], store: Path, warmup: int, steps: int, profile: bool) -> dict:
+def run_prism(config: Path, overrides: list[str], store: Path, warmup: int, steps: int, profile: bool) -> dict:
     import deepspeed
 
     from prism_megatron.launch.config import load_config
-    from prism_megatron.launch.train import forward, weight_decay_groups
+    from prism_megatron.launch.train import deepspeed_config, forward, weight_decay_groups
     from prism_megatron.model import PrismLM
     from prism_megatron.process_groups import deepspeed_mpu, destroy_parallel, initialize_parallel
 
-    cfg = load_config(ROOT / "launch/configs/1.3b.yaml", [f"data.stores=[{store}]", *overrides])
+    batch = [f"training.micro_batch_size={TOKENS[0]}", f"training.global_batch_size={TOKENS[0]}",
+             f"data.seq_length={TOKENS[1]}"]
+    cfg = load_config(config, [f"data.stores=[{store}]", *batch, *overrides])
     initialize_parallel(cfg.parallel, cfg.training.seed)
     model = PrismLM(cfg.model, cfg.parallel)
     n_params = model.num_parameters() - model.embedding.weight.numel() * (not cfg.model.tie_embeddings)
     optimizer = torch.optim.AdamW(weight_decay_groups(model, 0.1), lr=3e-4, betas=(0.9, 0.95), fused=True)
-    # The engine config prism-train builds (launch/train.py), at one micro-batch a step.
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, mpu=deepspeed_mpu(), config={
-        "train_batch_size": TOKENS[0], "train_micro_batch_size_per_gpu": TOKENS[0],
-        "gradient_accumulation_steps": 1, "gradient_clipping": 1.0, "zero_optimization": {"stage": 1},
-        "bf16": {"enabled": True}, "zero_allow_untested_optimizer": True, "steps_per_print": 1 << 62})
+    # The engine prism-train builds (launch/train.py), at one micro-batch a step.
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, mpu=deepspeed_mpu(),
+                                      config=deepspeed_config(cfg, grad_accum=1, bf16=True))
     data = batches(store, warmup + steps + 2)
 
     loss = None
@@ -176,16 +182,18 @@ def run_fla(store: Path, warmup: int, steps: int, profile: bool) -> dict:
     return measure(phases, n_params, warmup, steps, profile)
 
 
-def run_variant(name: str, store: Path, warmup: int, steps: int, profile: bool) -> dict:
+def run_variant(name: str, args: argparse.Namespace, store: Path) -> dict:
+    warmup, steps, profile = args.warmup, args.steps, args.profile
     started = time.perf_counter()
     try:
         if name == "fla-gdn":
             result = run_fla(store, warmup, steps, profile)
         else:
-            result = run_prism(VARIANTS[name], store, warmup, steps, profile)
+            result = run_prism(args.config, [*args.set, *VARIANTS[name]], store, warmup, steps, profile)
     except Exception:  # reported as this variant's row (OOM, a compile error)
         result = dict(error=traceback.format_exc(limit=6))
-    return dict(variant=name, wall_s=round(time.perf_counter() - started, 1), **result)
+    preset = {} if name == "fla-gdn" else dict(config=args.config.name, overrides=args.set)
+    return dict(variant=name, wall_s=round(time.perf_counter() - started, 1), **preset, **result)
 
 
 def report(result: dict, profile: bool) -> None:
@@ -213,16 +221,21 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--timeout", type=float, default=600, help="seconds for each variant's process")
+    parser.add_argument("--config", type=Path, default=ROOT / "launch/configs/1.3b.yaml",
+                        help="the preset the PRISM variants start from")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a value of --config for every PRISM variant (repeatable)")
     parser.add_argument("--json", type=Path, help="append one JSON line per variant here")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one variant, result on stdout
     args = parser.parse_args()
     store = args.store or build_store(args.build_store)
     if args.child:
-        print("RESULT " + json.dumps(run_variant(args.variants[0], store, args.warmup, args.steps, args.profile)))
+        print("RESULT " + json.dumps(run_variant(args.variants[0], args, store)))
         return
     print(f"{torch.cuda.get_device_name()} | {TOKENS[0]} x {TOKENS[1]} tokens a step", flush=True)
     for name in args.variants:
         command = [sys.executable, __file__, "--child", "--store", str(store), "--variants", name,
+                   "--config", str(args.config), *(f"--set={item}" for item in args.set),
                    "--warmup", str(args.warmup), "--steps", str(args.steps)] + ["--profile"] * args.profile
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)

@@ -122,20 +122,8 @@ def train(cfg: RunConfig, resume: bool = False, progress=None, allow_change: Seq
     # the GPU image, see shared/device/NOTES.md); fused on GPUs.
     optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=torch.cuda.is_available())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, cfg) / o.lr)
-    engine, *_ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, mpu=mpu,
-        config={
-            "train_batch_size": t.global_batch_size * cfg.parallel.context_parallel_size,
-            "train_micro_batch_size_per_gpu": t.micro_batch_size,
-            "gradient_accumulation_steps": grad_accum,
-            "gradient_clipping": o.grad_clip,
-            "zero_optimization": {"stage": t.zero_stage},
-            # Skip updates from non-finite gradients in bf16 as ZeRO does in fp32.
-            "bf16": {"enabled": bf16, "check_grad_overflow": True},
-            # ZeRO wraps our AdamW instance.
-            "zero_allow_untested_optimizer": True,
-            "steps_per_print": 1 << 62,
-        })
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, mpu=mpu,
+                                      config=deepspeed_config(cfg, grad_accum, bf16))
 
     tokens_per_step = t.global_batch_size * cfg.data.seq_length
     progress(f"model: {summary.num_parameters:,} parameters | {dist.get_world_size()} ranks, dp {dp_size}, "
@@ -285,6 +273,25 @@ def train(cfg: RunConfig, resume: bool = False, progress=None, allow_change: Seq
     summary.tokens_per_sec = timed_steps * tokens_per_step / timed_total if timed_total else 0.0
     finish()
     return summary
+
+
+def deepspeed_config(cfg: RunConfig, grad_accum: int, bf16: bool) -> dict:
+    """The DeepSpeed engine's config for this run (also what benchmarks/model_step.py times)."""
+    t = cfg.training
+    return {
+        "train_batch_size": t.global_batch_size * cfg.parallel.context_parallel_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": t.zero_stage},
+        # Skip updates from non-finite gradients in bf16 as ZeRO does in fp32. Each bf16 gradient is
+        # added to its float32 accumulator as soon as it is ready and then freed, so the bf16
+        # gradients of the whole model never exist at once.
+        "bf16": {"enabled": bf16, "check_grad_overflow": True, "immediate_grad_update": True},
+        # ZeRO wraps our AdamW instance.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 62,
+    }
 
 
 def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
