@@ -50,6 +50,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 import torch
@@ -155,7 +156,8 @@ def kernel_step(cfg, device: torch.device):
     from prism_megatron.process_groups import cp_size, tp_size
 
     m, dtype = cfg.model, compute_dtype(cfg)  # the config's validation saw the heads divide by TP
-    T, H, K, V, L = cfg.data.seq_length // cp_size(), m.num_heads // tp_size(), m.head_k_dim, m.head_v_dim, m.write_steps
+    T, H = cfg.data.seq_length // cp_size(), m.num_heads // tp_size()  # this rank's tokens and heads
+    K, V, L = m.head_k_dim, m.head_v_dim, m.write_steps
 
     def unit(*shape):
         return F.normalize(torch.randn(*shape, device=device), dim=-1).to(dtype).requires_grad_()
@@ -260,7 +262,7 @@ def collective_seconds(events, cuda: bool) -> float:
     overlapping collectives (on several streams or threads) count once."""
     if cuda:
         spans = [e.time_range for e in events
-                 if e.device_type == torch.autograd.DeviceType.CUDA and e.name.startswith("nccl")]
+                 if e.device_type == torch.profiler.DeviceType.CUDA and e.name.startswith("nccl")]
     else:
         spans = [e.time_range for e in events if e.name.startswith("gloo:")]
     busy, reached = 0.0, float("-inf")
@@ -311,10 +313,10 @@ def measure_case(kind: str, cfg, device: torch.device, warmup: int, steps: int) 
 def run_case(args, case: Case, world: int, device: torch.device) -> dict:
     """The case's row: its shape and measurements, or its error (the first failing rank's)."""
     layout = case.layout
-    row = dict(case=case.kind, gpus=world, layout=layout.name(world), tp=layout.tp, cp=layout.cp,
-               dp=world // (layout.tp * layout.cp) if layout.fits(world) else None, sp=layout.sp,
-               scaling=case.scaling, scale_tokens=case.scale_tokens, recompute=case.recompute, sample_tokens=None,
-               samples=None, step_tokens=None)
+    row: dict[str, Any] = dict(
+        case=case.kind, gpus=world, layout=layout.name(world), tp=layout.tp, cp=layout.cp,
+        dp=world // (layout.tp * layout.cp) if layout.fits(world) else None, sp=layout.sp, scaling=case.scaling,
+        scale_tokens=case.scale_tokens, recompute=case.recompute, sample_tokens=None, samples=None, step_tokens=None)
     error = None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
