@@ -121,23 +121,19 @@ def measure(phases, n_params: int, warmup: int, steps: int, profile: bool) -> di
 
 
 def run_prism(config: Path, overrides: list[str], store: Path, warmup: int, steps: int, profile: bool) -> dict:
-    import deepspeed
-
     from prism_megatron.launch.config import load_config
-    from prism_megatron.launch.train import deepspeed_config, forward, weight_decay_groups
+    from prism_megatron.launch.train import build_engine, forward
     from prism_megatron.model import PrismLM
-    from prism_megatron.process_groups import deepspeed_mpu, destroy_parallel, initialize_parallel
+    from prism_megatron.process_groups import destroy_parallel, initialize_parallel
 
+    # One micro-batch a step, through the engine prism-train builds.
     batch = [f"training.micro_batch_size={TOKENS[0]}", f"training.global_batch_size={TOKENS[0]}",
-             f"data.seq_length={TOKENS[1]}"]
+             f"data.seq_length={TOKENS[1]}", "training.precision=bf16"]
     cfg = load_config(config, [f"data.stores=[{store}]", *batch, *overrides])
     initialize_parallel(cfg.parallel, cfg.training.seed)
     model = PrismLM(cfg.model, cfg.parallel)
     n_params = model.num_parameters() - model.embedding.weight.numel() * (not cfg.model.tie_embeddings)
-    optimizer = torch.optim.AdamW(weight_decay_groups(model, 0.1), lr=3e-4, betas=(0.9, 0.95), fused=True)
-    # The engine prism-train builds (launch/train.py), at one micro-batch a step.
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, mpu=deepspeed_mpu(),
-                                      config=deepspeed_config(cfg, grad_accum=1, bf16=True))
+    engine, _ = build_engine(cfg, model)
     data = batches(store, warmup + steps + 2)
 
     loss = None

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from prism_megatron.data_prep.store import TokenStoreError
 from prism_megatron.launch import checkpoint, preemption, preflight
-from prism_megatron.launch.config import ConfigError, RunConfig, load_config, to_dict
+from prism_megatron.launch.config import ConfigError, RunConfig, TrainingConfig, load_config, to_dict
 
 log = logging.getLogger("prism-train")
 
@@ -88,18 +88,10 @@ def train(cfg: RunConfig, resume: bool = False, progress=None, allow_change: Seq
     from prism_megatron.data_prep.verify import ShardVerifier, open_training_stores
     stores = open_training_stores(cfg.data.stores, cfg.model.vocab_size)  # fit the model, or fail fast
 
-    # Without a GPU, megatron-core warns at import that fused kernels are missing, and DeepSpeed that
-    # it picked the CPU: expected here, noise in every run's output.
-    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
-    import deepspeed
-    from deepspeed.utils import logger as ds_logger
-
     from prism_megatron.data_prep.loader import DistributedBatchLoader, PackedDataset, collate_samples
     from prism_megatron.model import PrismLM
     from prism_megatron.process_groups import data_rank, data_size, deepspeed_mpu, destroy_parallel, initialize_parallel
 
-    ds_logger.setLevel(logging.WARNING)
     # A bare call becomes rank 0 of 1 (and sets RANK etc., which DeepSpeed needs to skip MPI discovery).
     initialize_parallel(cfg.parallel, cfg.training.seed, timeout=cfg.training.fault_timeout)
     mpu = deepspeed_mpu()
@@ -107,27 +99,17 @@ def train(cfg: RunConfig, resume: bool = False, progress=None, allow_change: Seq
     dp_rank, dp_size = data_rank(), data_size()
     rank0 = dist.get_rank() == 0
     progress = (progress or log.info) if rank0 else (lambda line: None)
-    t, o = cfg.training, cfg.optim
-    if t.global_batch_size % (t.micro_batch_size * dp_size):
-        raise ConfigError(f"training.global_batch_size={t.global_batch_size} must be a multiple of "
-                          f"micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp_size}")
-    grad_accum = t.global_batch_size // (t.micro_batch_size * dp_size)
-    bf16 = t.precision == "bf16" or (t.precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    t = cfg.training
+    grad_accum = grad_accumulation_steps(cfg, dp_size)  # checked before the model is built
 
     model = PrismLM(cfg.model, cfg.parallel)
     # Counted before ZeRO-3 can partition the parameters away.
     summary = RunSummary(num_parameters=model.num_parameters(), tensorboard_dir=cfg.logging.tensorboard_dir)
-    groups = weight_decay_groups(model, o.weight_decay)
-    # An optimizer instance, not DeepSpeed's "optimizer" config entry (which fails at initialize on
-    # the GPU image, see shared/device/NOTES.md); fused on GPUs.
-    optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=torch.cuda.is_available())
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, cfg) / o.lr)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, mpu=mpu,
-                                      config=deepspeed_config(cfg, grad_accum, bf16))
+    engine, optimizer = build_engine(cfg, model)
 
     tokens_per_step = t.global_batch_size * cfg.data.seq_length
     progress(f"model: {summary.num_parameters:,} parameters | {dist.get_world_size()} ranks, dp {dp_size}, "
-             f"grad accum {grad_accum}, ZeRO-{t.zero_stage}, {'bf16' if bf16 else 'fp32'} | "
+             f"grad accum {grad_accum}, ZeRO-{t.zero_stage}, {'bf16' if use_bf16(t) else 'fp32'} | "
              f"{t.train_steps} steps of {tokens_per_step:,} tokens")
 
     state = checkpoint.TrainState()
@@ -275,23 +257,58 @@ def train(cfg: RunConfig, resume: bool = False, progress=None, allow_change: Seq
     return summary
 
 
-def deepspeed_config(cfg: RunConfig, grad_accum: int, bf16: bool) -> dict:
-    """The DeepSpeed engine's config for this run (also what benchmarks/model_step.py times)."""
+def build_engine(cfg: RunConfig, model: torch.nn.Module):
+    """The DeepSpeed engine that trains `model` as `cfg` says, and the AdamW it wraps (whose
+    param_groups hold the current learning rate); benchmarks time this engine. Call after
+    initialize_parallel."""
+    # Without a GPU, megatron-core warns at import that fused kernels are missing, and DeepSpeed that
+    # it picked the CPU: expected here, noise in every run's output.
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    import deepspeed
+    from deepspeed.utils import logger as ds_logger
+
+    from prism_megatron.process_groups import data_size, deepspeed_mpu
+
+    ds_logger.setLevel(logging.WARNING)
+    t, o = cfg.training, cfg.optim
+    # An optimizer instance, not DeepSpeed's "optimizer" config entry (which fails at initialize on
+    # the GPU image, see shared/device/NOTES.md); fused on GPUs.
+    optimizer = torch.optim.AdamW(weight_decay_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas),
+                                  eps=o.eps, fused=torch.cuda.is_available())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, cfg) / o.lr)
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, mpu=deepspeed_mpu(),
+        config={
+            "train_batch_size": t.global_batch_size * cfg.parallel.context_parallel_size,
+            "train_micro_batch_size_per_gpu": t.micro_batch_size,
+            "gradient_accumulation_steps": grad_accumulation_steps(cfg, data_size()),
+            "gradient_clipping": o.grad_clip,
+            "zero_optimization": {"stage": t.zero_stage},
+            # Skip updates from non-finite gradients in bf16 as ZeRO does in fp32. Each bf16 gradient is
+            # added to its float32 accumulator as soon as it is ready and then freed, so the bf16
+            # gradients of the whole model never exist at once.
+            "bf16": {"enabled": use_bf16(t), "check_grad_overflow": True, "immediate_grad_update": True},
+            # ZeRO wraps our AdamW instance.
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 1 << 62,
+        })
+    return engine, optimizer
+
+
+def use_bf16(training: TrainingConfig) -> bool:
+    """bf16 as training.precision says: always, never, or (auto) where the device supports it."""
+    return training.precision == "bf16" or (
+        training.precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+
+
+def grad_accumulation_steps(cfg: RunConfig, dp_size: int) -> int:
+    """Micro batches per optimizer step on each data-parallel rank."""
     t = cfg.training
-    return {
-        "train_batch_size": t.global_batch_size * cfg.parallel.context_parallel_size,
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": grad_accum,
-        "gradient_clipping": cfg.optim.grad_clip,
-        "zero_optimization": {"stage": t.zero_stage},
-        # Skip updates from non-finite gradients in bf16 as ZeRO does in fp32. Each bf16 gradient is
-        # added to its float32 accumulator as soon as it is ready and then freed, so the bf16
-        # gradients of the whole model never exist at once.
-        "bf16": {"enabled": bf16, "check_grad_overflow": True, "immediate_grad_update": True},
-        # ZeRO wraps our AdamW instance.
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 1 << 62,
-    }
+    if t.global_batch_size % (t.micro_batch_size * dp_size):
+        raise ConfigError(f"training.global_batch_size={t.global_batch_size} must be a multiple of "
+                          f"micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp_size}")
+    return t.global_batch_size // (t.micro_batch_size * dp_size)
 
 
 def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -8,8 +8,6 @@ a SwiGLU MLP, a final RMSNorm, a column-parallel LM head and vocab-parallel cros
 """
 from __future__ import annotations
 
-import zlib
-
 import torch
 from megatron.core import tensor_parallel
 from torch import nn
@@ -25,6 +23,7 @@ from prism_megatron.process_groups import cp_size, tp_group, tp_rank, tp_size
 from prism_megatron.sequence_parallel import scatter_sequence
 from prism_megatron.sharding import (
     add_tp_grad_sum_hooks,
+    draw_parameters,
     normal_init,
     padded_vocab_size,
     set_init,
@@ -34,8 +33,9 @@ from prism_megatron.sharding import (
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, *, config, sequence_parallel: bool, out_init_std: float):
+    def __init__(self, cfg: ModelConfig, *, config, sequence_parallel: bool):
         super().__init__()
+        out_init_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5  # GPT-2: residual branches scaled
         # Under SP a norm sees only this rank's slice of the sequence: partial weight gradients.
         self.mixer_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, config, partial_input=sequence_parallel,
                                   fused_ops=cfg.fused_ops)
@@ -66,14 +66,13 @@ class PrismLM(nn.Module):
         self.sequence_parallel = parallel.sequence_parallel and tp_size() > 1
         mcfg = megatron_config(tp_size())
         self.padded_vocab_size = padded_vocab_size(config.vocab_size, tp_size())
-        out_init_std = config.init_std / (2 * config.num_layers) ** 0.5  # GPT-2: residual branches scaled
 
         self.embedding = tensor_parallel.VocabParallelEmbedding(
             self.padded_vocab_size, config.hidden_size, init_method=no_megatron_init, config=mcfg)
         tag_vocab_parallel(self.embedding.weight, config.vocab_size)
         set_init(self.embedding.weight, normal_init(config.init_std))
         self.layers = nn.ModuleList(
-            Block(config, config=mcfg, sequence_parallel=self.sequence_parallel, out_init_std=out_init_std)
+            Block(config, config=mcfg, sequence_parallel=self.sequence_parallel)
             for _ in range(config.num_layers))
         self.final_norm = RMSNorm(config.hidden_size, config.norm_eps, mcfg, partial_input=self.sequence_parallel,
                                   fused_ops=config.fused_ops)
@@ -85,15 +84,8 @@ class PrismLM(nn.Module):
         self.reset_parameters(torch.initial_seed() if seed is None else seed)
         add_tp_grad_sum_hooks(self)
 
-    @torch.no_grad()
     def reset_parameters(self, seed: int) -> None:
-        for name, p in self.named_parameters():
-            if p.is_meta:
-                continue
-            gen = torch.Generator(device=p.device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-            spec = shard_spec(p)
-            full = p.global_init(spec.global_shape(p.shape, tp_size()), gen, p.device)
-            p.copy_(spec.shard(full, tp_rank(), tp_size()))
+        draw_parameters(self, seed)
 
     def num_parameters(self) -> int:
         """Parameters of the whole model (all TP ranks, without vocabulary padding)."""

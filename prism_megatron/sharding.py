@@ -7,6 +7,7 @@ TP split are written in one call. The same tags map a rank's shard to the global
 """
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -40,6 +41,19 @@ def constant_init(value: float) -> Init:
 def set_init(param: nn.Parameter, init: Init) -> nn.Parameter:
     param.global_init = init
     return param
+
+
+@torch.no_grad()
+def draw_parameters(module: nn.Module, seed: int) -> None:
+    """Draw every parameter of `module` as its global tensor, with a generator seeded by `seed` and
+    the parameter's name, and keep this TP rank's shard (meta parameters are left alone)."""
+    for name, p in module.named_parameters():
+        if p.is_meta:
+            continue
+        gen = torch.Generator(device=p.device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        spec = shard_spec(p)
+        full = p.global_init(spec.global_shape(p.shape, tp_size()), gen, p.device)
+        p.copy_(spec.shard(full, tp_rank(), tp_size()))
 
 
 def _new_parameter(shape: tuple[int, ...], config: ModelParallelConfig) -> nn.Parameter:

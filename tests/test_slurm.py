@@ -4,7 +4,8 @@ slurmctld and two slurmd on this host acting as two nodes (n1, n2; one task each
 A 2-node job runs to the end; the same job preempted mid-run saves, requeues, resumes and
 reproduces the uninterrupted run's losses step by step; a rank killed with SIGKILL ends the job
 within training.fault_timeout, and the requeued job resumes from the last checkpoint; the prep
-array job plus its merge gives the store of one `prism-prep tokenize`.
+array job plus its merge gives the store of one `prism-prep tokenize`; the scaling harness runs
+over both nodes and writes its reports.
 """
 import json
 import os
@@ -227,3 +228,20 @@ def test_prep_array_and_merge_make_the_store_of_one_tokenize(slurm, tmp_path):
     assert [(s.num_documents, s.num_tokens, s.sha256) for s in merged.shards] == \
         [(s.num_documents, s.num_tokens, s.sha256) for s in single.shards]
     assert merged.num_tokens == single.num_tokens
+
+
+def test_scaling_harness_runs_on_two_nodes(slurm, tmp_path):
+    from test_scaling import TINY, check_reports, progress_lines
+
+    # Submitted from the checkout, as a user does (the script finds the harness there).
+    job = sbatch(slurm, "-N", 2, "--ntasks-per-node=1", f"--output={tmp_path}/job.out", REPO / "slurm" / "scaling.sbatch",
+                 tmp_path / "out", *TINY, "--cases", "kernel", "model", "--layouts", "cp2", "--seq-lengths", "32",
+                 cwd=REPO)
+    wait_for(f"job {job} to end", lambda: job_state(slurm, job) in ("COMPLETED", "FAILED"))
+    log = (tmp_path / "job.out").read_text()
+    assert job_state(slurm, job) == "COMPLETED", log[-3000:]
+    assert "2 nodes (n[1-2]) x 1 ranks" in log and "harness ended with exit code 0" in log
+    results = check_reports(tmp_path / "out", rows=2)
+    assert results["gpus"] == 2 and len(progress_lines(log)) == 2
+    assert [(row["case"], row["layout"], "error" in row) for row in results["rows"]] == \
+        [("kernel", "tp1cp2dp1", False), ("model", "tp1cp2dp1", False)]
