@@ -117,18 +117,18 @@ def non_embedding_parameters(cfg: ModelConfig) -> int:
     return gemm_parameters(cfg) + cfg.num_layers * vectors + D  # + the final norm
 
 
-def peak_flops(device: torch.device) -> float | None:
-    """One device's dense bf16 FLOP/s: PRISM_PEAK_FLOPS if set, else a GPU of PEAK_BF16_FLOPS; None
-    otherwise (the CPU, other GPUs)."""
+def peak_flops() -> float | None:
+    """This process's device's dense bf16 FLOP/s: PRISM_PEAK_FLOPS if set, else the current GPU's from
+    PEAK_BF16_FLOPS; None otherwise (the CPU, other GPUs)."""
     if PEAK_FLOPS_ENV in os.environ:
         try:
             return float(os.environ[PEAK_FLOPS_ENV])
         except ValueError:
             raise ValueError(f"{PEAK_FLOPS_ENV} must be a number of FLOP/s (989e12 for an H100 SXM), "
                              f"got {os.environ[PEAK_FLOPS_ENV]!r}") from None
-    if device.type != "cuda":
+    if not torch.cuda.is_available():
         return None
-    return PEAK_BF16_FLOPS.get(torch.cuda.get_device_name(device))
+    return PEAK_BF16_FLOPS.get(torch.cuda.get_device_name())
 
 
 def mfu(flops_per_token: float, tokens_per_sec: float, num_gpus: int, peak: float) -> float:
