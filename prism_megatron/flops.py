@@ -1,8 +1,8 @@
 """FLOPs of one PrismLM training step per token, the numerator of MFU (docs/FLOPS.md derives every term).
 
-    flops = step_flops(model_config, seq_length)   # the whole model: every TP and CP rank's share
+    flops = step_flops(model_config, seq_length)   # the whole model, all TP and CP ranks together
     flops.total, flops.six_n                       # forward + backward per token: exact, and 6N
-    mfu(flops.total, tokens_per_sec, num_gpus, peak_flops(device))
+    mfu(flops.total, tokens_per_sec, num_gpus, peak_flops())
 
 A product of an [m, k] and a [k, n] matrix counts 2mkn. Counted: every weight product (2 FLOPs a
 weight a token forward, 4 backward), and the PRISM recurrence as the Triton chunk kernels compute it
@@ -25,8 +25,8 @@ from prism_megatron.kernels.prism.launch_config import CHUNK
 from prism_megatron.kernels.prism.solve import SUB
 from prism_megatron.mixer import InProjLayout
 
-# Dense bf16 tensor-core FLOP/s of the GPUs this project runs on, by torch.cuda.get_device_name (SXM
-# boards; PCIe and NVL ones are slower). Other devices: PRISM_PEAK_FLOPS, or no MFU.
+# Dense bf16 tensor-core FLOP/s of the GPUs this project runs on, by torch.cuda.get_device_name: SXM
+# boards (an H200 NVL reports "NVIDIA H200" too, and peaks lower). Other devices: PRISM_PEAK_FLOPS, or no MFU.
 PEAK_BF16_FLOPS = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H200": 989e12}
 PEAK_FLOPS_ENV = "PRISM_PEAK_FLOPS"
 
@@ -70,30 +70,31 @@ def chunk_flops(K: int, V: int, L: int) -> ChunkFlops:
     """The matrix products of kernels/prism/'s kernels on one chunk of one head, kernel by kernel. A
     product a kernel forms once per block of value columns (at V above the block width) counts once."""
     C, E = CHUNK, L - 1  # E extra write keys
-    kk = 2 * C * C * K   # a [C, K] x [K, C] or [C, C] x [C, K] product, e.g. Q K^T
-    cv = 2 * C * C * V   # a [C, C] x [C, V] product (or one that sums over V into [C, C]), e.g. P U
-    kv = 2 * C * K * V   # a product with a K x V state, or one that makes it, e.g. W^ S_0
-    sub = SUB.value  # solve.py handles the chunk as blocks of sub rows
+    p_k = 2 * C * C * K  # a [C, K] x [K, C] or [C, C] x [C, K] product, e.g. Q K^T
+    p_v = 2 * C * C * V  # a [C, C] x [C, V] product, or one that sums over V into [C, C], e.g. P U
+    p_s = 2 * C * K * V  # a product with a K x V state, or one that forms it, e.g. W^ S_0
+    sub = SUB.value      # solve.py handles the chunk as blocks of sub rows
     blocks = C // sub
     solve = (blocks * (blocks + 1) // 2 * 2 * sub * sub * K  # A's blocks on and below the diagonal
              + blocks * (sub - 1) * 2 * sub * sub            # each diagonal block's inverse, row by row
-             # T_ij = -T_ii sum_{j<=m<i} A_im T_mj: i - j + 1 block products for each block below the diagonal
+             # T_ij = -T_ii sum_{j<=m<i} A_im T_mj: i - j + 1 block products per block below the diagonal
              + sum((blocks - d) * (d + 1) for d in range(1, blocks)) * 2 * sub**3)
     forward = (solve
-               + (1 + E) * (kk + cv)  # wy_fwd: W^ = T X and U~ = T R; per extra key K Kappa^T and B W
-               + (2 + E) * kv         # state_fwd: W^ S_0 and K^T U; per extra key Kappa^T W
-               + kv + L * (kk + cv))  # output: Q S_0; per key Q K^T and its product with U or W
-    backward = (cv                                        # du_local: P^T dO
-                + 3 * kv                                  # state_bwd: K dS, Q^T dO, W^T dU
-                + kv + 2 * cv + 2 * kk                    # pseudo_value_grad: dU S^T, T^T dU, dR U~^T, T^T dW, dX W^T
-                + 2 * kv + cv + 2 * kk + E * (kv + cv + 2 * kk)  # output_state_grad: dO S^T, U dS^T, dO U^T,
-                                                          # dP K, (U dO^T) Q; per extra key the same but dO S^T
-                + E * (kv + 3 * cv)                       # extra_key_grad: Kappa dS, dR W^T, P^T dO, B^T dR
-                + 2 * kk + E * 2 * kk)                    # wy_bwd: Y K, Y^T K; per extra key Y Kappa, Y^T K
+               + (1 + E) * (p_k + p_v)   # wy_fwd: W^ = T X, U~ = T R; per extra key K Kappa^T, B W
+               + (2 + E) * p_s           # state_fwd: W^ S_0, K^T U; per extra key Kappa^T W
+               + p_s + L * (p_k + p_v))  # output: Q S_0; per key Q K^T and its product with U or W
+    backward = (p_v                      # du_local: P^T dO
+                + 3 * p_s                # state_bwd: K dS, Q^T dO, W^T dU
+                # pseudo_value_grad: dU S_0^T; T^T dU, dR U~^T; T^T dW^, dX W^T
+                + p_s + 2 * p_v + 2 * p_k
+                # output_state_grad: dO S_0^T, U dS^T; dO U^T; dP K, (U dO^T) Q; per extra key all but dO S_0^T
+                + 2 * p_s + p_v + 2 * p_k + E * (p_s + p_v + 2 * p_k)
+                + E * (p_s + 3 * p_v)    # extra_key_grad: Kappa dS; dR W^T, P^T dO, B^T dR
+                + (1 + E) * 2 * p_k)     # wy_bwd: Y K, Y^T K; per extra key Y Kappa, Y^T K
     # Formed again in the backward: Q K^T (du_local, output_state_grad), U dO^T (the transpose of dO U^T:
     # no kernel transposes a product, tiles.py says why), K K^T (wy_bwd); per extra key Q Kappa^T
     # (output_state_grad, extra_key_grad), W dO^T, K Kappa^T (extra_key_grad, wy_bwd).
-    recomputed = 3 * kk + cv + E * (4 * kk + cv)
+    recomputed = 3 * p_k + p_v + E * (4 * p_k + p_v)
     return ChunkFlops(forward, backward, recomputed)
 
 

@@ -26,7 +26,7 @@ CONFIGS = {
 }
 
 
-def recurrence_inputs(T: int, H: int, K: int, V: int, L: int, dtype=torch.float32, requires_grad=False):
+def recurrence_inputs(T: int, H: int, K: int, V: int, L: int, dtype=torch.float32, requires_grad=False) -> dict:
     gen = torch.Generator().manual_seed(0)
 
     def leaf(x):
@@ -110,10 +110,10 @@ def test_recurrence_forward_reconciles_with_the_torch_chunk_form(L, K, V):
     H, T = 2, 2 * C
     with FlopCounterMode(display=False) as counter:
         chunk_prism_recurrence_torch(**recurrence_inputs(T, H, K, V, L), chunk_size=C)
-    kk, cv, kv = 2 * C * C * K, 2 * C * C * V, 2 * C * K * V
+    p_k, p_v, p_s = 2 * C * C * K, 2 * C * C * V, 2 * C * K * V
     solve = 10 * 2 * 16 * 16 * K + 16 * 2 * 16**3 + 4 * 15 * 2 * 16 * 16  # A's blocks, block merges, substitution
-    triton_only = solve + kk + cv + kv          # T, T X, T R, W^ S_0
-    torch_only = kk + kk + 2 * C * K * K + 2 * K * K * V  # A in full, Q K^T W^, the transition, the scan
+    triton_only = solve + p_k + p_v + p_s  # T, T X, T R, W^ S_0
+    torch_only = 2 * p_k + 2 * C * K * K + 2 * K * K * V  # A in full, Q K^T W^; the transition, the scan
     chunks = H * T // C
     assert counter.get_total_flops() == chunks * (flops.chunk_flops(K, V, L).forward - triton_only + torch_only)
 
