@@ -9,11 +9,13 @@ AdamW instance), batches of 4 x 4096 tokens from the real loader (DistributedBat
 cu_seqlens) on a token store made by prism-prep (--build-store: from this machine's Python standard
 library sources, one document per file). fla's model runs at its default config with its defaults
 (bf16 autocast over float32 weights, fused AdamW), on the same batches' tokens. Prints per variant
-tokens/s over the timed steps (after --warmup steps that compile), MFU from 6N FLOPs a token (N: the
-parameters without the input embedding) against the H200's 989 TFLOP/s dense bf16, and peak memory;
-with --profile the time of one step's forward, backward and optimizer step, and its top CUDA kernels
-and operators. Each variant runs in a process of its own (one after another), so that its peak memory
-is its own and one variant's failure loses no other's. Results also go to --json.
+tokens/s over the timed steps (after --warmup steps that compile), MFU against the device's dense bf16
+peak (prism_megatron.flops: 989 TFLOP/s on an H100 or H200 SXM, or PRISM_PEAK_FLOPS) from
+prism_megatron.flops' exact FLOP count and from 6N FLOPs a token (N: the parameters without the input
+embedding; fla's model has 6N only), and peak memory; with --profile the time of one step's forward,
+backward and optimizer step, and its top CUDA kernels and operators. Each variant runs in a process of
+its own (one after another), so that its peak memory is its own and one variant's failure loses no
+other's. Results also go to --json.
 """
 from __future__ import annotations
 
@@ -29,7 +31,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-PEAK_FLOPS = 989e12  # H200 dense bf16 (spec sheet)
 TOKENS = (4, 4096)
 CORPUS_BYTES = 20_000_000
 VARIANTS = {  # name -> overrides of the --config preset
@@ -98,8 +99,11 @@ def profile_step(phases) -> dict:
                     max_shapes_column_width=70))
 
 
-def measure(phases, n_params: int, warmup: int, steps: int, profile: bool) -> dict:
-    """phases: (name, function) of one training step in order: forward, backward, optimizer step."""
+def measure(phases, flops_per_token: dict[str, float], warmup: int, steps: int, profile: bool) -> dict:
+    """phases: (name, function) of one training step in order: forward, backward, optimizer step;
+    flops_per_token: FLOP counts by name ("exact", "6n"), each reported as mfu_<name>."""
+    from prism_megatron.flops import mfu, peak_flops
+
     def step():
         for _, run in phases:
             run()
@@ -113,14 +117,17 @@ def measure(phases, n_params: int, warmup: int, steps: int, profile: bool) -> di
         step()
     torch.cuda.synchronize()
     tokens_per_sec = steps * TOKENS[0] * TOKENS[1] / (time.perf_counter() - started)
-    result = dict(tokens_per_sec=tokens_per_sec, mfu_6n=6 * n_params * tokens_per_sec / PEAK_FLOPS,
-                  peak_memory_gb=torch.cuda.max_memory_allocated() / 1e9, parameters=n_params)
+    result = dict(tokens_per_sec=tokens_per_sec, peak_memory_gb=torch.cuda.max_memory_allocated() / 1e9)
+    peak = peak_flops()
+    if peak is not None:
+        result.update({f"mfu_{name}": mfu(count, tokens_per_sec, 1, peak) for name, count in flops_per_token.items()})
     if profile:
         result.update(profile_step(phases))
     return result
 
 
 def run_prism(config: Path, overrides: list[str], store: Path, warmup: int, steps: int, profile: bool) -> dict:
+    from prism_megatron.flops import non_embedding_parameters, step_flops
     from prism_megatron.launch.config import load_config
     from prism_megatron.launch.train import build_engine, forward
     from prism_megatron.model import PrismLM
@@ -132,7 +139,7 @@ def run_prism(config: Path, overrides: list[str], store: Path, warmup: int, step
     cfg = load_config(config, [f"data.stores=[{store}]", *batch, *overrides])
     initialize_parallel(cfg.parallel, cfg.training.seed)
     model = PrismLM(cfg.model, cfg.parallel)
-    n_params = model.num_parameters() - model.embedding.weight.numel() * (not cfg.model.tie_embeddings)
+    flops = step_flops(cfg.model, TOKENS[1])
     engine, _ = build_engine(cfg, model)
     data = batches(store, warmup + steps + 2)
 
@@ -144,7 +151,8 @@ def run_prism(config: Path, overrides: list[str], store: Path, warmup: int, step
 
     phases = [("forward", phase_forward), ("backward", lambda: engine.backward(loss)), ("step", engine.step)]
     try:
-        return measure(phases, n_params, warmup, steps, profile)
+        result = measure(phases, {"exact": flops.total, "6n": flops.six_n}, warmup, steps, profile)
+        return dict(result, parameters=non_embedding_parameters(cfg.model))
     finally:
         destroy_parallel()
 
@@ -175,7 +183,7 @@ def run_fla(store: Path, warmup: int, steps: int, profile: bool) -> dict:
         optimizer.zero_grad(set_to_none=True)
 
     phases = [("forward", phase_forward), ("backward", lambda: loss.backward()), ("step", phase_step)]
-    return measure(phases, n_params, warmup, steps, profile)
+    return dict(measure(phases, {"6n": 6 * n_params}, warmup, steps, profile), parameters=n_params)
 
 
 def run_variant(name: str, args: argparse.Namespace, store: Path) -> dict:
@@ -197,8 +205,10 @@ def report(result: dict, profile: bool) -> None:
     if "error" in result:
         print(f"{name}: FAILED\n{result['error']}", flush=True)
         return
-    print(f"{name}: {result['tokens_per_sec']:,.0f} tokens/s | MFU(6N) {100 * result['mfu_6n']:.1f}% | "
-          f"peak {result['peak_memory_gb']:.1f} GB | {result['parameters'] / 1e9:.2f}B params | "
+    mfus = " | ".join(f"MFU({label}) {100 * result[key]:.1f}%"
+                      for key, label in (("mfu_exact", "exact"), ("mfu_6n", "6N")) if key in result)
+    print(f"{name}: {result['tokens_per_sec']:,.0f} tokens/s | {mfus or 'no MFU (peak FLOP/s unknown)'} | "
+          f"peak {result['peak_memory_gb']:.1f} GB | N {result['parameters'] / 1e9:.2f}B | "
           f"{result['wall_s']} s", flush=True)
     if profile:
         print(f"  phases (s): {result['phase_seconds']} | profiled step {result['profiled_wall_s']} s, "

@@ -89,6 +89,7 @@ def train(cfg: RunConfig, resume: bool = False, progress=None, allow_change: Seq
     stores = open_training_stores(cfg.data.stores, cfg.model.vocab_size)  # fit the model, or fail fast
 
     from prism_megatron.data_prep.loader import DistributedBatchLoader, PackedDataset, collate_samples
+    from prism_megatron.flops import PEAK_FLOPS_ENV, mfu, peak_flops, step_flops
     from prism_megatron.model import PrismLM
     from prism_megatron.process_groups import data_rank, data_size, deepspeed_mpu, destroy_parallel, initialize_parallel
 
@@ -111,6 +112,12 @@ def train(cfg: RunConfig, resume: bool = False, progress=None, allow_change: Seq
     progress(f"model: {summary.num_parameters:,} parameters | {dist.get_world_size()} ranks, dp {dp_size}, "
              f"grad accum {grad_accum}, ZeRO-{t.zero_stage}, {'bf16' if use_bf16(t) else 'fp32'} | "
              f"{t.train_steps} steps of {tokens_per_step:,} tokens")
+    flops = step_flops(cfg.model, cfg.data.seq_length)
+    peak = peak_flops()
+    device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else "the CPU"
+    progress(f"model FLOPs: {flops.total:.4g} a token, forward and backward (6N: {flops.six_n:.4g}) | "
+             + (f"MFU against {peak / 1e12:g} TFLOP/s per device" if peak is not None
+                else f"no MFU: the peak FLOP/s of {device_name} is unknown (set {PEAK_FLOPS_ENV})"))
 
     state = checkpoint.TrainState()
     if start_from is not None:
@@ -229,9 +236,17 @@ def train(cfg: RunConfig, resume: bool = False, progress=None, allow_change: Seq
 
         if state.step % cfg.logging.log_interval == 0 or state.step == t.train_steps:
             tokens_per_sec = interval_steps * tokens_per_step / interval_time
-            _record(metrics, {"step": state.step, "tokens_per_sec": tokens_per_sec})
-            progress(f"{at(state.step)} | loss {loss:.4f} | "
-                     f"lr {lr:.2e} | grad norm {grad_norm:.3f} | {tokens_per_sec:,.0f} tokens/s")
+            throughput = {"step": state.step, "tokens_per_sec": tokens_per_sec}
+            line = f"{tokens_per_sec:,.0f} tokens/s"
+            if peak is not None:
+                throughput["mfu"] = mfu(flops.total, tokens_per_sec, dist.get_world_size(), peak)
+                line += f" | MFU {100 * throughput['mfu']:.1f}%"
+            if torch.cuda.is_available():  # this rank's peak since the last log line
+                throughput["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
+                torch.cuda.reset_peak_memory_stats()
+                line += f" | peak memory {throughput['peak_memory_gb']:.1f} GB"
+            _record(metrics, throughput)
+            progress(f"{at(state.step)} | loss {loss:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} | {line}")
             interval_time, interval_steps = 0.0, 0
 
         if ((state.step % cfg.logging.eval_interval == 0 or state.step == t.train_steps)
@@ -356,7 +371,7 @@ class MetricsLog:
     """
 
     _SCALARS = {"loss": "train/loss", "val_loss": "val/loss", "lr": "lr", "grad_norm": "grad_norm",
-                "tokens_per_sec": "tokens_per_sec"}
+                "tokens_per_sec": "tokens_per_sec", "mfu": "mfu", "peak_memory_gb": "peak_memory_gb"}
 
     def __init__(self, folder: str):
         from torch.utils.tensorboard import SummaryWriter

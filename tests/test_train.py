@@ -8,10 +8,13 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from prism_megatron.data_prep.tokenize import tokenize_corpus
 from prism_megatron.data_prep.tokenizer import train_tokenizer
+from prism_megatron.flops import PEAK_FLOPS_ENV, step_flops
 from prism_megatron.launch.checkpoint import COMPLETE
 from prism_megatron.launch.config import load_config
 from prism_megatron.launch.train import lr_at, read_metrics
@@ -182,6 +185,35 @@ def test_train_deterministic_and_resumes_bitwise(tmp_path, store):
     result = prism_train("--config", write_config(first, store), "--resume")
     assert str(victim) in result.stdout and "corrupt" in result.stdout
     assert "step_00000003 at step 3" in result.stdout
+
+
+def test_logs_mfu_and_peak_memory(tmp_path, store, monkeypatch):
+    """Every log line carries the MFU of flops.py's count, here against the peak PRISM_PEAK_FLOPS gives
+    (the CPU has none of its own), in the progress line, metrics.jsonl and TensorBoard; peak memory
+    only on CUDA."""
+    config = write_config(tmp_path, store, training={"train_steps": 2}, logging={"eval_interval": 10})
+    monkeypatch.setenv(PEAK_FLOPS_ENV, "1e12")
+    result = prism_train("--config", config)
+    cfg = load_config(config)
+    per_token = step_flops(cfg.model, cfg.data.seq_length).total
+    logged = [r for r in read_metrics(tmp_path / "tb") if "tokens_per_sec" in r]
+    assert [r["step"] for r in logged] == [1, 2]
+    for record in logged:
+        assert record["mfu"] == pytest.approx(per_token * record["tokens_per_sec"] / 1e12)
+        assert ("peak_memory_gb" in record) == torch.cuda.is_available()
+    lines = [line for line in result.stdout.splitlines() if "tokens/s" in line]
+    assert [f"MFU {100 * r['mfu']:.1f}%" in line for line, r in zip(lines, logged)] == [True, True]
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert [e.value for e in events.Scalars("mfu")] == pytest.approx([r["mfu"] for r in logged], rel=1e-6)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's missing peak FLOP/s")
+def test_no_mfu_without_a_peak(tmp_path, store, monkeypatch):
+    monkeypatch.delenv(PEAK_FLOPS_ENV, raising=False)
+    result = prism_train("--config", write_config(tmp_path, store, training={"train_steps": 2}))
+    assert f"no MFU: the peak FLOP/s of the CPU is unknown (set {PEAK_FLOPS_ENV})" in result.stdout
+    assert not [r for r in read_metrics(tmp_path / "tb") if "mfu" in r]
 
 
 def test_resume_refuses_another_run_unless_allowed(tmp_path, store):
