@@ -65,7 +65,7 @@ def test_solver_none_is_gated_deltanet(backend):
         torch.testing.assert_close(mixer(x, position, None), _gated_deltanet_layer(mixer, x), atol=1e-12, rtol=1e-10)
 
 
-@pytest.mark.parametrize("solver", ["prism", "none"])
+@pytest.mark.parametrize("solver", ["prism", "split", "none"])
 def test_packed_documents_equal_separate_runs(solver):
     """With cu_seqlens the state and the convolution restart at each document."""
     model = _model(solver=solver)
