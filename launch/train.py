@@ -138,7 +138,7 @@ def train(cfg: RunConfig, resume: bool = False, progress=None, allow_change: Seq
         })
 
     tokens_per_step = t.global_batch_size * cfg.data.seq_length
-    progress(f"model: {summary.num_parameters:,} parameters | {dist.get_world_size()} ranks, dp {dp_size}, "
+    progress(f"model: {summary.num_parameters:,} parameters, solver {cfg.model.solver} | {dist.get_world_size()} ranks, dp {dp_size}, "
              f"grad accum {grad_accum}, ZeRO-{t.zero_stage}, {'bf16' if bf16 else 'fp32'} | "
              f"{t.train_steps} steps of {tokens_per_step:,} tokens")
 
@@ -205,6 +205,7 @@ def train(cfg: RunConfig, resume: bool = False, progress=None, allow_change: Seq
         return path
 
     metrics = MetricsLog(cfg.logging.tensorboard_dir) if rank0 else None
+    _record(metrics, {"step": state.step, "num_parameters": summary.num_parameters})
 
     def finish() -> None:
         """The end of a run, at train_steps or earlier (all ranks together)."""
@@ -332,7 +333,7 @@ class MetricsLog:
     """
 
     _SCALARS = {"loss": "train/loss", "val_loss": "val/loss", "lr": "lr", "grad_norm": "grad_norm",
-                "tokens_per_sec": "tokens_per_sec"}
+                "tokens_per_sec": "tokens_per_sec", "num_parameters": "num_parameters"}
 
     def __init__(self, folder: str):
         from torch.utils.tensorboard import SummaryWriter
