@@ -105,7 +105,7 @@ def test_initialization_is_deterministic():
         assert name.endswith(("norm.weight", "gain_bias", "strength_bias")) or not torch.equal(pa, pc), name
 
 
-@pytest.mark.parametrize("name,low,high", [("tiny", 2e6, 5e6), ("1.3b", 1.25e9, 1.45e9),
+@pytest.mark.parametrize("name,low,high", [("tiny", 2e6, 5e6), ("125m", 1.1e8, 1.4e8), ("1.3b", 1.25e9, 1.45e9),
                                            ("2.7b", 2.5e9, 2.9e9), ("7b", 6.5e9, 7.5e9)])
 def test_presets(name, low, high):
     """Each preset's model section builds (on the meta device: nothing allocated) at its size."""
