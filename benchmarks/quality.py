@@ -118,10 +118,10 @@ def read_plan(path: Path, extra: list[str], seeds: list[int] | None, only: list[
     common = plan.get("set", [])
     require(isinstance(common, list) and all(isinstance(s, str) for s in common), "set", "must be a list of KEY=VALUE")
     seeds = seeds if seeds is not None else plan.get("seeds")
-    require(isinstance(seeds, list) and seeds and all(isinstance(s, int) for s in seeds), "seeds",
+    require(isinstance(seeds, list) and len(seeds) > 0 and all(isinstance(s, int) for s in seeds), "seeds",
             "must be a non-empty list of integers")
     entries = plan.get("configurations")
-    require(isinstance(entries, dict) and entries, "configurations", "must map names to {base, set}")
+    require(isinstance(entries, dict) and len(entries) > 0, "configurations", "must map names to {base, set}")
     configurations = []
     for name, entry in entries.items():
         key = f"configurations.{name}"
@@ -324,6 +324,43 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def train(runs: list[Run], args: argparse.Namespace, report, started: float) -> None:
+    """Train the pending runs, args.parallel at a time, calling report() whenever one ends, until all
+    have ended or the time limit (or a signal) has stopped them."""
+    stop = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stop.append(signal.Signals(signum).name))
+    slots: list[Run | None] = [None] * args.parallel
+    pending = [run for run in runs if run.status == "pending"]
+    last_progress, stopping = time.monotonic(), False
+    while pending or any(slots):
+        out_of_time = args.time_limit is not None and time.monotonic() - started > args.time_limit
+        if (stop or out_of_time) and not stopping:
+            print(f"{'time limit' if out_of_time else stop[0]}: {len(pending)} runs not started; "
+                  "asking the running ones to save and stop", flush=True)
+            pending, stopping = [], True
+            for run in filter(None, slots):
+                run.asked_to_stop = True
+                run.process.send_signal(signal.SIGTERM)
+        for i, run in enumerate(slots):
+            if run is not None and run.process.poll() is not None:
+                collect(run)
+                tail = f"val loss {summarize(run)['val_loss']:.4f}" if run.status == "finished" else run.error
+                print(f"{run.label}: {run.status}: {tail}", flush=True)
+                report()
+                slots[i] = None
+            if slots[i] is None and pending:
+                run = slots[i] = pending.pop(0)
+                device = args.devices[i % len(args.devices)] if args.devices else None
+                start(run, device)
+                print(f"{run.label}: started{f' on device {device}' if device else ''} in {run.folder}", flush=True)
+        if time.monotonic() - last_progress > PROGRESS_SECONDS and any(slots):
+            lines = [progress_line(run) for run in slots if run is not None]
+            print(f"[{time.monotonic() - started:,.0f} s]\n" + "\n".join(lines), flush=True)
+            last_progress = time.monotonic()
+        time.sleep(1)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("plan", type=Path, help="the plan's YAML file")
@@ -348,7 +385,8 @@ def main(argv: list[str] | None = None) -> None:
     reports = args.out / args.plan.stem
     reports.mkdir(parents=True, exist_ok=True)
     runs = make_runs(configurations, seeds, args.out)
-    header = {"command": shlex.join([Path(sys.executable).name, *sys.argv]), "plan": str(args.plan)}
+    command = [Path(sys.executable).name, sys.argv[0], *(sys.argv[1:] if argv is None else argv)]
+    header = {"command": shlex.join(command), "plan": str(args.plan)}
     for run in runs:
         if run.status == "failed":
             print(f"{run.label}: not started: {run.error}", flush=True)
@@ -356,37 +394,7 @@ def main(argv: list[str] | None = None) -> None:
             run.status = "finished"
             print(f"{run.label}: finished already ({run.folder})", flush=True)
 
-    stop = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, frame: stop.append(signal.Signals(signum).name))
-    slots: list[Run | None] = [None] * args.parallel
-    pending = [run for run in runs if run.status == "pending"]
-    last_progress, stopping = time.monotonic(), False
-    while pending or any(slots):
-        out_of_time = args.time_limit is not None and time.monotonic() - started > args.time_limit
-        if (stop or out_of_time) and not stopping:
-            print(f"{'time limit' if out_of_time else stop[0]}: {len(pending)} runs not started; "
-                  "asking the running ones to save and stop", flush=True)
-            pending, stopping = [], True
-            for run in filter(None, slots):
-                run.asked_to_stop = True
-                run.process.send_signal(signal.SIGTERM)
-        for i, run in enumerate(slots):
-            if run is not None and run.process.poll() is not None:
-                collect(run)
-                tail = (f"val loss {summarize(run)['val_loss']:.4f}" if run.status == "finished" else run.error)
-                print(f"{run.label}: {run.status}: {tail}", flush=True)
-                write_report(reports, header, configurations, runs)
-                slots[i] = run = None
-            if run is None and pending:
-                slots[i] = pending.pop(0)
-                device = args.devices[i % len(args.devices)] if args.devices else None
-                start(slots[i], device)
-                print(f"{slots[i].label}: started{f' on device {device}' if device else ''} in {slots[i].folder}", flush=True)
-        if time.monotonic() - last_progress > PROGRESS_SECONDS and any(slots):
-            print(f"[{time.monotonic() - started:,.0f} s]\n" + "\n".join(progress_line(r) for r in filter(None, slots)), flush=True)
-            last_progress = time.monotonic()
-        time.sleep(1)
+    train(runs, args, lambda: write_report(reports, header, configurations, runs), started)
     write_report(reports, header, configurations, runs)
     done = sum(run.status == "finished" for run in runs)
     print(f"{done}/{len(runs)} runs finished; {reports / 'quality.md'}, {reports / 'quality.json'}, "
