@@ -109,8 +109,8 @@ def train(cfg: RunConfig, resume: bool = False, progress=None, allow_change: Seq
     engine, optimizer = build_engine(cfg, model)
 
     tokens_per_step = t.global_batch_size * cfg.data.seq_length
-    progress(f"model: {summary.num_parameters:,} parameters | {dist.get_world_size()} ranks, dp {dp_size}, "
-             f"grad accum {grad_accum}, ZeRO-{t.zero_stage}, {'bf16' if use_bf16(t) else 'fp32'} | "
+    progress(f"model: {summary.num_parameters:,} parameters, solver {cfg.model.solver} | {dist.get_world_size()} "
+             f"ranks, dp {dp_size}, grad accum {grad_accum}, ZeRO-{t.zero_stage}, {'bf16' if use_bf16(t) else 'fp32'} | "
              f"{t.train_steps} steps of {tokens_per_step:,} tokens")
     flops = step_flops(cfg.model, cfg.data.seq_length)
     peak = peak_flops()
@@ -182,6 +182,7 @@ def train(cfg: RunConfig, resume: bool = False, progress=None, allow_change: Seq
         return path
 
     metrics = MetricsLog(cfg.logging.tensorboard_dir) if rank0 else None
+    _record(metrics, {"step": state.step, "num_parameters": summary.num_parameters})
 
     def finish() -> None:
         """The end of a run, at train_steps or earlier (all ranks together)."""
@@ -371,7 +372,8 @@ class MetricsLog:
     """
 
     _SCALARS = {"loss": "train/loss", "val_loss": "val/loss", "lr": "lr", "grad_norm": "grad_norm",
-                "tokens_per_sec": "tokens_per_sec", "mfu": "mfu", "peak_memory_gb": "peak_memory_gb"}
+                "tokens_per_sec": "tokens_per_sec", "mfu": "mfu", "peak_memory_gb": "peak_memory_gb",
+                "num_parameters": "num_parameters"}
 
     def __init__(self, folder: str):
         from torch.utils.tensorboard import SummaryWriter

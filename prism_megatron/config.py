@@ -4,9 +4,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SOLVERS = ("prism", "none")
+SOLVERS = ("prism", "split", "none")
 RECOMPUTE = ("none", "selective", "full")
 FUSED_OPS = ("auto", "on", "off")
+# Write directions per token that the Triton kernel takes (tested for L = 1..4).
+MAX_WRITE_DIRECTIONS = 4
+
+
+@dataclass(frozen=True)
+class SolverInit:
+    """A solver's key normalisation and the initial biases of its gains and strengths."""
+
+    key_norm: bool
+    gain_bias: float
+    strength_bias: float
+
+
+# What model.solver_key_norm, solver_gain_bias and solver_strength_bias mean when left unset
+# (docs/SOLVERS.md says why each).
+SOLVER_INIT = {"prism": SolverInit(key_norm=True, gain_bias=1.0, strength_bias=0.0),
+               "split": SolverInit(key_norm=False, gain_bias=0.0, strength_bias=2.0)}
 
 
 @dataclass
@@ -18,10 +35,19 @@ class ModelConfig:
     head_k_dim: int = 64
     head_v_dim: int = 64
     ffn_hidden_size: int = 704
-    # "prism": the solver of PRISM.md section 2 with `solver_steps` write directions;
-    # "none": d^1 = v, L = 1, exactly Gated DeltaNet (the baseline and a test oracle).
+    # The solvers of docs/SOLVERS.md. "prism": the paper's (Eq. 9-16), `solver_steps` write directions
+    # from the anchor; "split": Gated DeltaNet's write of v along k plus `solver_steps` writes that
+    # split v by stick-breaking gains along keys from the anchor (the authors' LM form); "none":
+    # d^1 = v, L = 1, exactly Gated DeltaNet (the baseline and a test oracle).
     solver: str = "prism"
     solver_steps: int = 3
+    # Rank of each head's maps from the anchor to the gains and to the extra keys; unset: full matrices.
+    solver_rank: int | None = None
+    # L2-normalise the extra write keys; initial gain and strength biases. Unset: the solver's own
+    # default, SOLVER_INIT.
+    solver_key_norm: bool | None = None
+    solver_gain_bias: float | None = None
+    solver_strength_bias: float | None = None
     conv_size: int = 4
     norm_eps: float = 1e-6
     init_std: float = 0.02
@@ -38,8 +64,17 @@ class ModelConfig:
 
     @property
     def write_steps(self) -> int:
-        """L, the number of write directions per token (1 for Gated DeltaNet)."""
-        return 1 if self.solver == "none" else self.solver_steps
+        """The number of write directions per token the recurrence gets (1 for Gated DeltaNet)."""
+        return {"none": 1, "prism": self.solver_steps, "split": 1 + self.solver_steps}[self.solver]
+
+    @property
+    def solver_init(self) -> SolverInit:
+        """The solver's key normalisation and initial biases: the fields set, the rest its defaults."""
+        default = SOLVER_INIT[self.solver]
+        return SolverInit(
+            key_norm=default.key_norm if self.solver_key_norm is None else self.solver_key_norm,
+            gain_bias=default.gain_bias if self.solver_gain_bias is None else self.solver_gain_bias,
+            strength_bias=default.strength_bias if self.solver_strength_bias is None else self.solver_strength_bias)
 
     def validate(self) -> None:
         """Raise ValueError naming the first field whose value cannot build a model."""
@@ -53,6 +88,15 @@ class ModelConfig:
                      "ffn_hidden_size", "solver_steps", "conv_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.write_steps > MAX_WRITE_DIRECTIONS:
+            raise ValueError(f"model.solver_steps={self.solver_steps} gives the {self.solver} solver {self.write_steps} "
+                             f"write directions per token; the Triton kernel takes at most {MAX_WRITE_DIRECTIONS}")
+        if self.solver_rank is not None and not 1 <= self.solver_rank < self.head_v_dim:
+            raise ValueError(f"model.solver_rank must be in [1, head_v_dim={self.head_v_dim}) (unset: full maps), "
+                             f"got {self.solver_rank}")
+        for name in ("solver_rank", "solver_key_norm", "solver_gain_bias", "solver_strength_bias"):
+            if self.solver == "none" and getattr(self, name) is not None:
+                raise ValueError(f"model.{name} does not apply to solver none (Gated DeltaNet has no solver)")
         if self.norm_eps <= 0 or self.init_std <= 0:
             raise ValueError(f"model.norm_eps and model.init_std must be > 0, got {self.norm_eps}, {self.init_std}")
 

@@ -24,6 +24,7 @@ from prism_megatron.config import ModelConfig
 from prism_megatron.kernels.prism.launch_config import CHUNK
 from prism_megatron.kernels.prism.solve import SUB
 from prism_megatron.mixer import InProjLayout
+from prism_megatron.solver import ALIGN_COLUMNS
 
 # Dense bf16 tensor-core FLOP/s of the GPUs this project runs on, by torch.cuda.get_device_name: SXM
 # boards (an H200 NVL reports "NVIDIA H200" too, and peaks lower). Other devices: PRISM_PEAK_FLOPS, or no MFU.
@@ -39,6 +40,7 @@ class StepFlops:
     recurrence_forward: float     # the PRISM chunk kernels' forward, all layers
     recurrence_backward: float    # their backward, without the products it forms again
     recurrence_recomputed: float  # the products the backward forms again (not model FLOPs)
+    solver_extra: float           # the solver's products beyond 6 a weight (not model FLOPs, solver_extra)
     six_n: float                  # 6N, N the parameters without the input embedding
 
     @property
@@ -63,6 +65,7 @@ def step_flops(cfg: ModelConfig, seq_length: int) -> StepFlops:
     return StepFlops(gemm=6 * gemm_parameters(cfg), recurrence_forward=per_token * chunk.forward,
                      recurrence_backward=per_token * chunk.backward,
                      recurrence_recomputed=per_token * chunk.recomputed,
+                     solver_extra=cfg.num_layers * cfg.num_heads * solver_extra(cfg),
                      six_n=6 * non_embedding_parameters(cfg))
 
 
@@ -100,21 +103,50 @@ def chunk_flops(K: int, V: int, L: int) -> ChunkFlops:
 
 def gemm_parameters(cfg: ModelConfig) -> int:
     """The weights applied by matrix products, each once per token: in_proj, out_proj, the solver's
-    per-head W_p, W_k and w_b, the MLP and the LM head (the embedding's matrix, if tied)."""
-    D, H, K, V, L = cfg.hidden_size, cfg.num_heads, cfg.head_k_dim, cfg.head_v_dim, cfg.write_steps
-    mixer = D * sum(InProjLayout.for_config(cfg).sizes) + H * V * D
-    if cfg.solver == "prism":
-        mixer += H * (L * V * V + (L - 1) * K * V + L * V)
+    per-head maps and strength vectors, the MLP and the LM head (the embedding's matrix, if tied)."""
+    D, H, V = cfg.hidden_size, cfg.num_heads, cfg.head_v_dim
+    mixer = D * sum(InProjLayout.for_config(cfg).sizes) + H * V * D + H * solver_weights(cfg)
     return cfg.num_layers * (mixer + 3 * D * cfg.ffn_hidden_size) + D * cfg.vocab_size
+
+
+def solver_maps(cfg: ModelConfig) -> list[int]:
+    """The output sizes of a head's maps from the anchor: the gains (L x V) and the extra keys."""
+    if cfg.solver == "none":
+        return []
+    L, K, V = cfg.solver_steps, cfg.head_k_dim, cfg.head_v_dim
+    keys = (L - 1 if cfg.solver == "prism" else L) * K
+    return [L * V] + ([keys] if keys else [])
+
+
+def solver_weights(cfg: ModelConfig) -> int:
+    """A head's solver weights, each applied once a token: its maps (a low-rank map as its two factors)
+    and the L strength vectors."""
+    if cfg.solver == "none":
+        return 0
+    V, r = cfg.head_v_dim, cfg.solver_rank
+    maps = sum(m * V if r is None else r * V + m * r for m in solver_maps(cfg))
+    return maps + cfg.solver_steps * V
+
+
+def solver_extra(cfg: ModelConfig) -> int:
+    """A head's solver products a token beyond 6 a weight: solver.AnchorMaps.project applies the maps
+    and strengths as one matrix of P columns (a low-rank map multiplied out, zero columns up to
+    ALIGN_COLUMNS), forward, again in the backward, and twice for the gradients: 8 P V. (Multiplying
+    out a low-rank map costs per step, not per token: not counted.)"""
+    if cfg.solver == "none":
+        return 0
+    width = sum(solver_maps(cfg)) + cfg.solver_steps
+    width += -width % ALIGN_COLUMNS
+    return 8 * width * cfg.head_v_dim - 6 * solver_weights(cfg)
 
 
 def non_embedding_parameters(cfg: ModelConfig) -> int:
     """N of 6N: every parameter but the input embedding's (a tied embedding counts, as the LM head)."""
-    D, H, V, L = cfg.hidden_size, cfg.num_heads, cfg.head_v_dim, cfg.write_steps
+    D, H, V = cfg.hidden_size, cfg.num_heads, cfg.head_v_dim
     # Per layer: the two block norms, the output norm, the short convolution's taps, A_log and dt_bias.
     vectors = 2 * D + V + sum(InProjLayout.for_config(cfg).conv_sizes) * cfg.conv_size + 2 * H
-    if cfg.solver == "prism":
-        vectors += H * (L * V + L)  # the gain and strength biases
+    if cfg.solver != "none":
+        vectors += H * (cfg.solver_steps * V + cfg.solver_steps)  # the gain and strength biases
     return gemm_parameters(cfg) + cfg.num_layers * vectors + D  # + the final norm
 
 

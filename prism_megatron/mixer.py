@@ -3,7 +3,8 @@
     x -> in_proj (one fused column-parallel GEMM) -> q^, k^, v^, [u^], z, a, [b]
       -> causal depthwise conv: SiLU on q, k, v; the anchor u = ShortConv(u^) has none
       -> q, k = l2norm(q), l2norm(k);  g = -exp(A_log) * softplus(a + dt_bias)
-      -> solver -> d, kx, beta        (solver "none": d = v, beta = sigmoid(b), L = 1: Gated DeltaNet)
+      -> solver -> d, kx, beta        (solver "none": d = v, beta = sigmoid(b), L = 1: Gated DeltaNet;
+                                       "split" takes b too, for its write of v along k)
       -> o = prism_recurrence(q, k, d, kx, beta, g)
       -> RMSNorm(o) per head * SiLU(z) -> out_proj (row-parallel)
 
@@ -42,15 +43,15 @@ from prism_megatron.layers import (
 from prism_megatron.ops import PackedSequences, prism_recurrence
 from prism_megatron.process_groups import tp_size
 from prism_megatron.sharding import normal_init, sharded_parameter
-from prism_megatron.solver import PrismSolver, l2norm
+from prism_megatron.solver import SOLVER_CLASSES, l2norm
 
 
 @dataclass(frozen=True)
 class InProjLayout:
-    """The fused in_proj's output parts in order, with their global sizes: q, k, v and (PRISM) the
-    anchor u pass through the short convolution; then the gate z, the decay logits a and (Gated
-    DeltaNet) the strength logits b. Every part is split over TP by heads, so at TP size `tp` a
-    rank holds size/tp of each, in the same order."""
+    """The fused in_proj's output parts in order, with their global sizes: q, k, v and (solvers prism
+    and split) the anchor u pass through the short convolution; then the gate z, the decay logits a
+    and (Gated DeltaNet and split: a write of v along k) the strength logits b. Every part is split
+    over TP by heads, so at TP size `tp` a rank holds size/tp of each, in the same order."""
 
     parts: tuple[tuple[str, int], ...]
     conv_parts: tuple[str, ...]
@@ -58,9 +59,9 @@ class InProjLayout:
     @classmethod
     def for_config(cls, cfg: ModelConfig) -> InProjLayout:
         H, K, V = cfg.num_heads, cfg.head_k_dim, cfg.head_v_dim
-        prism = cfg.solver == "prism"
-        conv = (("q", H * K), ("k", H * K), ("v", H * V)) + ((("u", H * V),) if prism else ())
-        gates = (("z", H * V), ("a", H)) + (() if prism else (("b", H),))
+        anchor, base_write = cfg.solver != "none", cfg.solver != "prism"
+        conv = (("q", H * K), ("k", H * K), ("v", H * V)) + ((("u", H * V),) if anchor else ())
+        gates = (("z", H * V), ("a", H)) + ((("b", H),) if base_write else ())
         return cls(conv + gates, tuple(name for name, _ in conv))
 
     @property
@@ -107,7 +108,6 @@ class PrismMixer(nn.Module):
         super().__init__()
         check_divides("model.num_heads", cfg.num_heads)
         H, K, V = cfg.num_heads, cfg.head_k_dim, cfg.head_v_dim
-        self.prism = cfg.solver == "prism"
         self.heads = H // tp_size()
         self.head_k_dim, self.head_v_dim = K, V
         self.backend = cfg.kernel_backend
@@ -124,8 +124,7 @@ class PrismMixer(nn.Module):
                                              segments=self.layout.conv_sizes)
         self.A_log = sharded_parameter((self.heads,), a_log_init, config)
         self.dt_bias = sharded_parameter((self.heads,), dt_bias_init, config)
-        self.solver = (PrismSolver(self.heads, K, V, cfg.solver_steps, config=config, init_std=cfg.init_std)
-                       if self.prism else None)
+        self.solver = SOLVER_CLASSES[cfg.solver](cfg, self.heads, config=config) if cfg.solver != "none" else None
         # One weight shared by all heads, applied here to this rank's heads only: partial gradient.
         self.out_norm = RMSNorm(V, cfg.norm_eps, config, partial_input=True, fused_ops=cfg.fused_ops)
         self.out_proj = RowParallelLinear(H * V, cfg.hidden_size, config=config, init=normal_init(out_init_std),
@@ -158,8 +157,8 @@ class PrismMixer(nn.Module):
 
     def mix(self, conv_input: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None, position: torch.Tensor | None,
             cu_seqlens: PackedSequences | None, context: ContextSlice | None, conv: torch.Tensor | None) -> torch.Tensor:
-        """in_proj's outputs (the convolution's channels, the decay and, for Gated DeltaNet, the strength
-        logits) -> the recurrence's output per head: what model.recompute = selective re-runs in the
+        """in_proj's outputs (the convolution's channels, the decay and, for Gated DeltaNet and the split
+        solver, the strength logits of the write along k) -> the recurrence's output per head: what model.recompute = selective re-runs in the
         backward. `conv`: the short convolution's output before SiLU where context parallelism has
         formed it already."""
         layout, tp = self.layout, tp_size()
@@ -173,10 +172,10 @@ class PrismMixer(nn.Module):
         heads = conv_input.shape[:2] + (self.heads, -1)
         q, k, v = l2norm(fused, q.reshape(heads)), l2norm(fused, k.reshape(heads)), v.reshape(heads)
         g = decay(fused, a, self.A_log, self.dt_bias)
-        if self.prism:
-            d, kx, beta = self.solver(u[0].reshape(heads), v, fused)
-        else:
+        if self.solver is None:
             d, kx, beta = v.unsqueeze(3), None, torch.sigmoid(b).unsqueeze(3)
+        else:  # the split solver also takes b, the strength of its write along k
+            d, kx, beta = self.solver(u[0].reshape(heads), v, b, fused)
         scale = self.head_k_dim**-0.5
         if context is not None:
             return context_parallel_recurrence(q, k, d, kx, beta.to(q.dtype), g, scale, context, self.backend)

@@ -1,15 +1,20 @@
-"""The PRISM solver (PRISM.md section 2, Eq. 9-16): update directions, extra write keys and write
-strengths from the anchor u and the value v, per head and token.
+"""The solvers (docs/SOLVERS.md): update directions, extra write keys and write strengths from the
+anchor u and the value v, per head and token.
 
+prism, the paper's (PRISM.md section 2, Eq. 9-16):
     r^1 = v - u;  for l = 1..L:  d^l = GELU((W_p^l u + bias_p^l) * r^l),  r^l+1 = r^l - d^l
     kappa^l = l2norm(W_k^l u) (l >= 2),  b^l = sigmoid(w_b^l . u + c^l)
+split, the authors' LM form: Gated DeltaNet's write of v along k (strength sigmoid(b)), then L writes
+    P^l = sigmoid(W_p^l u + bias_p^l),  delta^l = P^l * prod_{j<l} (1 - P^j) * v
+    kappa^l = W_k^l u (l2norm optional),  b^l = sigmoid(w_b^l . u + c^l)
 
-Token-local, so under TP each rank holds the weights of its own heads and never communicates.
-All L gains, keys and strengths of a head come from one GEMM of the anchor (a batched matmul over
-heads); only the residual chain r -> d is sequential in l. The solver keeps only u and v for the
-backward and recomputes the rest there (one more GEMM and elementwise pass): its intermediates are
-as large as d and kx together, while u and v are views of the convolution's output, which the layer
-keeps anyway.
+Token-local, so under TP each rank holds the weights of its own heads and never communicates; the
+maps W_p and W_k are per head, full or of a low rank (AnchorMaps). A solver's gains, keys and
+strength logits come from one GEMM of the anchor per head (all heads in one batched GEMM,
+HeadwiseLinear), then one elementwise pass in which only the chain over l is sequential. The solver
+keeps only its inputs for the backward and recomputes the rest there (one more GEMM and
+elementwise pass): its intermediates are as large as d and kx together, while u and v are views of
+the convolution's output, which the layer keeps anyway.
 """
 from __future__ import annotations
 
@@ -17,11 +22,15 @@ import torch
 import torch.nn.functional as F
 from megatron.core import ModelParallelConfig
 from torch import nn
-
 from torch.utils.checkpoint import checkpoint
 
+from prism_megatron.config import ModelConfig
 from prism_megatron.layers import Fusable, upcast
 from prism_megatron.sharding import constant_init, normal_init, sharded_parameter
+
+# The projection's width is padded to a multiple of this many columns: rows of 16 bytes in bf16, which
+# the GEMM's fast kernels need (an odd width, e.g. L strength logits after the maps, gets slow ones).
+ALIGN_COLUMNS = 8
 
 
 @Fusable
@@ -31,57 +40,153 @@ def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + eps)).to(x.dtype)
 
 
+class HeadwiseLinear(torch.autograd.Function):
+    """y[n, h] = weight[h] @ x[n, h] for x [N, H, I] (rows may be strided) and weight [H, O, I] ->
+    y [N, H, O]: one batched GEMM over heads that reads x and writes y token-major (strided batches),
+    so that neither goes through a transposed copy."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x, weight)
+        y = x.new_empty(x.shape[0], x.shape[1], weight.shape[1])
+        torch.bmm(x.transpose(0, 1), weight.transpose(1, 2), out=y.transpose(0, 1))
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        dy_heads = dy.transpose(0, 1)
+        dx = x.new_empty(x.shape)
+        torch.bmm(dy_heads, weight, out=dx.transpose(0, 1))
+        return dx, torch.bmm(dy_heads.transpose(1, 2), x.transpose(0, 1))
+
+
 @Fusable
-def solver_outputs(projection: torch.Tensor, gain_bias: torch.Tensor, strength_bias: torch.Tensor,
-                   v: torch.Tensor, u: torch.Tensor, key_dim: int):
-    """The elementwise part of the solver. projection [H, N, L*V + (L-1)*K + L]: per head the gains
-    (before their bias), the extra keys (before their norm) and the strength logits of the N tokens;
-    v, u [N, H, V] -> d [N, H, L, V], kx [N, H, L-1, K] or None, beta [N, H, L]."""
-    H, L, V = gain_bias.shape
-    per_token = projection.transpose(0, 1)
-    gain = per_token[..., : L * V].unflatten(-1, (L, V)) + gain_bias
-    residual = v - u
-    steps = []
+def prism_outputs(projection: torch.Tensor, gain_bias: torch.Tensor, strength_bias: torch.Tensor,
+                  v: torch.Tensor, u: torch.Tensor, key_dim: int, key_norm: bool):
+    """prism's elementwise part. projection [N, H, >= L*V + (L-1)*K + L]: per token and head the gains
+    (before their bias), the extra keys and the strength logits; v, u [N, H, V] -> d [N, H, L, V],
+    kx [N, H, L-1, K] or None, beta [N, H, L]."""
+    _, L, V = gain_bias.shape
+    keys = (L - 1) * key_dim
+    gain = projection[..., : L * V].unflatten(-1, (L, V)) + gain_bias
+    residual, steps = v - u, []
     for step in range(L):
         d = F.gelu(gain[:, :, step] * residual)
         steps.append(d)
         residual = residual - d
     kx = None
     if L > 1:
-        kx = l2norm.eager(per_token[..., L * V: L * V + (L - 1) * key_dim].unflatten(-1, (L - 1, key_dim)))
-    beta = torch.sigmoid(per_token[..., L * V + (L - 1) * key_dim:] + strength_bias)
+        kx = projection[..., L * V: L * V + keys].unflatten(-1, (L - 1, key_dim))
+        kx = l2norm.eager(kx) if key_norm else kx
+    beta = torch.sigmoid(projection[..., L * V + keys: L * V + keys + L] + strength_bias)
     return torch.stack(steps, dim=2), kx, beta
 
 
-class PrismSolver(nn.Module):
-    def __init__(self, local_heads: int, head_k_dim: int, head_v_dim: int, steps: int, *,
-                 config: ModelParallelConfig, init_std: float):
+@Fusable
+def split_outputs(projection: torch.Tensor, gain_bias: torch.Tensor, strength_bias: torch.Tensor,
+                  v: torch.Tensor, base_logits: torch.Tensor, key_dim: int, key_norm: bool):
+    """split's elementwise part. projection [N, H, >= L*V + L*K + L] (gains before their bias, keys,
+    strength logits), v [N, H, V], base_logits [N, H] (the write along k) -> d [N, H, L+1, V] =
+    [v, delta^1..delta^L], kx [N, H, L, K], beta [N, H, L+1]."""
+    _, L, V = gain_bias.shape
+    keys = L * key_dim
+    share = torch.sigmoid(projection[..., : L * V].unflatten(-1, (L, V)) + gain_bias)
+    rest, steps = v, [v]
+    for step in range(L):
+        steps.append(share[:, :, step] * rest)
+        rest = rest * (1 - share[:, :, step])
+    kx = projection[..., L * V: L * V + keys].unflatten(-1, (L, key_dim))
+    kx = l2norm.eager(kx) if key_norm else kx
+    logits = projection[..., L * V + keys: L * V + keys + L] + strength_bias
+    beta = torch.sigmoid(torch.cat([base_logits.unsqueeze(-1), logits], -1))
+    return torch.stack(steps, dim=2), kx, beta
+
+
+class AnchorMaps(nn.Module):
+    """What the solvers share: parameters of this rank's heads, and per-head linear maps of the anchor
+    u to n vectors of size m each. A map is a full matrix per head and output, `{name}_weight`
+    [H, n, m, V], or at rank r a down map shared by the n outputs and an up map per output,
+    `{name}_down` [H, r, V] and `{name}_up` [H, n, m, r]. The names seed the weights' draws
+    (PrismLM.reset_parameters), so the full maps keep the names they always had."""
+
+    def __init__(self, local_heads: int, head_v_dim: int, rank: int | None, config: ModelParallelConfig):
         super().__init__()
-        H, K, V, L = local_heads, head_k_dim, head_v_dim, steps
+        self.heads, self.head_v_dim, self.rank, self.parallel_config = local_heads, head_v_dim, rank, config
 
-        def head_param(shape, init):
-            return sharded_parameter((H,) + shape, init, config)
+    def head_param(self, shape: tuple[int, ...], init) -> nn.Parameter:
+        return sharded_parameter((self.heads,) + shape, init, self.parallel_config)
 
-        # W_p starts small and its bias at 1, so that d^1 starts near GELU(v - u).
-        self.gain_weight = head_param((L, V, V), normal_init(init_std))
-        self.gain_bias = head_param((L, V), constant_init(1.0))
-        self.key_weight = head_param((L - 1, K, V), normal_init(V**-0.5)) if L > 1 else None
-        self.strength_weight = head_param((L, V), normal_init(init_std))
-        self.strength_bias = head_param((L,), constant_init(0.0))
-        self.steps = L
+    def add_map(self, name: str, outputs: int, size: int, std: float) -> None:
+        V, r = self.head_v_dim, self.rank
+        if r is None:
+            setattr(self, f"{name}_weight", self.head_param((outputs, size, V), normal_init(std)))
+        else:
+            # up @ down then has entries of the full matrix's std: var = r * (std^2 V / r) * (1 / V).
+            setattr(self, f"{name}_down", self.head_param((r, V), normal_init(V**-0.5)))
+            setattr(self, f"{name}_up", self.head_param((outputs, size, r), normal_init(std * (V / r) ** 0.5)))
 
-    def forward(self, u: torch.Tensor, v: torch.Tensor, fused: bool):
-        """u, v: [B, T, H, V] -> d [B, T, H, L, V], kx [B, T, H, L-1, K] or None, beta [B, T, H, L]."""
-        d, kx, beta = checkpoint(self._solve, u.flatten(0, 1), v.flatten(0, 1), fused, use_reentrant=False)
+    def map_matrix(self, name: str) -> torch.Tensor:
+        """The map as one matrix per head, [H, n*m, V] (a low-rank map's factors multiplied: a product of
+        the weights' size, not the tokens')."""
+        if self.rank is None:
+            return getattr(self, f"{name}_weight").flatten(1, 2)
+        return getattr(self, f"{name}_up").flatten(1, 2) @ getattr(self, f"{name}_down")
+
+    def project(self, u: torch.Tensor, maps: tuple[str, ...]) -> torch.Tensor:
+        """u [N, H, V] -> [N, H, P]: the maps' outputs, then the strength logits, then zero columns up to a
+        multiple of ALIGN_COLUMNS."""
+        weights = [self.map_matrix(name) for name in maps] + [self.strength_weight]
+        pad = -sum(w.shape[1] for w in weights) % ALIGN_COLUMNS
+        if pad:
+            weights.append(weights[0].new_zeros(self.heads, pad, self.head_v_dim))
+        return HeadwiseLinear.apply(u, torch.cat(weights, 1))
+
+    def forward(self, u: torch.Tensor, v: torch.Tensor, base_logits: torch.Tensor | None, fused: bool):
+        """u, v: [B, T, H, V]; base_logits [B, T, H] for the split solver's write along k (else None) ->
+        d [B, T, H, L', V], kx [B, T, H, L'-1, K] or None, beta [B, T, H, L'], L' the write directions."""
         tokens = u.shape[:2]
-        return d.unflatten(0, tokens), None if kx is None else kx.unflatten(0, tokens), beta.unflatten(0, tokens)
+        flat = [None if x is None else x.flatten(0, 1) for x in (u, v, base_logits)]
+        outputs = checkpoint(self.solve, *flat, fused, use_reentrant=False)
+        return tuple(None if x is None else x.unflatten(0, tokens) for x in outputs)
 
-    def _solve(self, u: torch.Tensor, v: torch.Tensor, fused: bool):
-        H, L, V = self.gain_bias.shape
-        parts = [self.gain_weight.reshape(H, L * V, V), self.strength_weight]
-        if self.key_weight is not None:
-            parts.insert(1, self.key_weight.flatten(1, 2))
-        weight = torch.cat(parts, 1)  # [H, L*V + (L-1)*K + L, V]
-        projection = torch.bmm(u.transpose(0, 1), weight.transpose(1, 2))
-        key_dim = 0 if self.key_weight is None else self.key_weight.shape[2]
-        return solver_outputs(fused, projection, self.gain_bias, self.strength_bias, v, u, key_dim)
+
+class PrismSolver(AnchorMaps):
+    def __init__(self, cfg: ModelConfig, local_heads: int, *, config: ModelParallelConfig):
+        super().__init__(local_heads, cfg.head_v_dim, cfg.solver_rank, config)
+        K, V, L, init = cfg.head_k_dim, cfg.head_v_dim, cfg.solver_steps, cfg.solver_init
+        # W_p starts small and (by default) its bias at 1, so that d^1 starts near GELU(v - u).
+        self.add_map("gain", L, V, cfg.init_std)
+        self.gain_bias = self.head_param((L, V), constant_init(init.gain_bias))
+        if L > 1:
+            self.add_map("key", L - 1, K, V**-0.5)
+        self.strength_weight = self.head_param((L, V), normal_init(cfg.init_std))
+        self.strength_bias = self.head_param((L,), constant_init(init.strength_bias))
+        self.maps = ("gain", "key") if L > 1 else ("gain",)
+        self.key_dim, self.key_norm = K, init.key_norm
+
+    def solve(self, u: torch.Tensor, v: torch.Tensor, base_logits: None, fused: bool):
+        return prism_outputs(fused, self.project(u, self.maps), self.gain_bias, self.strength_bias, v, u,
+                             self.key_dim, self.key_norm)
+
+
+class SplitSolver(AnchorMaps):
+    """Gated DeltaNet's write of v along k, plus L writes that split v by stick-breaking gains, each
+    along its own key from the anchor (docs/SOLVERS.md section 2): L + 1 directions."""
+
+    def __init__(self, cfg: ModelConfig, local_heads: int, *, config: ModelParallelConfig):
+        super().__init__(local_heads, cfg.head_v_dim, cfg.solver_rank, config)
+        K, V, L, init = cfg.head_k_dim, cfg.head_v_dim, cfg.solver_steps, cfg.solver_init
+        self.add_map("gain", L, V, cfg.init_std)
+        self.gain_bias = self.head_param((L, V), constant_init(init.gain_bias))
+        self.add_map("key", L, K, V**-0.5)
+        self.strength_weight = self.head_param((L, V), normal_init(cfg.init_std))
+        self.strength_bias = self.head_param((L,), constant_init(init.strength_bias))
+        self.key_dim, self.key_norm = K, init.key_norm
+
+    def solve(self, u: torch.Tensor, v: torch.Tensor, base_logits: torch.Tensor, fused: bool):
+        return split_outputs(fused, self.project(u, ("gain", "key")), self.gain_bias, self.strength_bias, v,
+                             base_logits, self.key_dim, self.key_norm)
+
+
+SOLVER_CLASSES = {"prism": PrismSolver, "split": SplitSolver}

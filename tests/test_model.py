@@ -65,7 +65,7 @@ def test_solver_none_is_gated_deltanet(backend):
         torch.testing.assert_close(mixer(x, position, None), _gated_deltanet_layer(mixer, x), atol=1e-12, rtol=1e-10)
 
 
-@pytest.mark.parametrize("solver", ["prism", "none"])
+@pytest.mark.parametrize("solver", ["prism", "split", "none"])
 def test_packed_documents_equal_separate_runs(solver):
     """With cu_seqlens the state and the convolution restart at each document."""
     model = _model(solver=solver)
@@ -105,7 +105,7 @@ def test_initialization_is_deterministic():
         assert name.endswith(("norm.weight", "gain_bias", "strength_bias")) or not torch.equal(pa, pc), name
 
 
-@pytest.mark.parametrize("name,low,high", [("tiny", 2e6, 5e6), ("1.3b", 1.25e9, 1.45e9),
+@pytest.mark.parametrize("name,low,high", [("tiny", 2e6, 5e6), ("125m", 1.1e8, 1.4e8), ("1.3b", 1.25e9, 1.45e9),
                                            ("2.7b", 2.5e9, 2.9e9), ("7b", 6.5e9, 7.5e9)])
 def test_presets(name, low, high):
     """Each preset's model section builds (on the meta device: nothing allocated) at its size."""
@@ -177,7 +177,8 @@ def test_recompute_gives_the_same_gradients(recompute, monkeypatch):
         torch.testing.assert_close(grads_r[name], grads[name], atol=1e-14, rtol=1e-12, msg=name)
 
 
-@pytest.mark.parametrize("solver", ["prism", "none"])
+@pytest.mark.parametrize("solver", [dict(solver="prism"), dict(solver="split", solver_steps=2, solver_rank=4),
+                                    dict(solver="none")], ids=["prism", "split", "none"])
 def test_fused_ops_match_the_reference(solver):
     """The fused glue (Triton short convolution under the interpreter, torch.compile's C++ kernels on
     the CPU, the solver's recomputing backward, SwiGLU with the down projection) against the PyTorch
@@ -187,7 +188,7 @@ def test_fused_ops_match_the_reference(solver):
     cu_seqlens = torch.tensor([0, 5, 12, 24])
     results = []
     for mode in ("off", "on"):
-        model = _model(solver=solver, fused_ops=mode)
+        model = _model(**solver, fused_ops=mode)
         loss = model(tokens, labels, cu_seqlens=cu_seqlens)
         loss.backward()
         results.append((loss, {name: p.grad for name, p in model.named_parameters()}))

@@ -39,8 +39,10 @@ STRONG_DECAY_DG = 1e-4
 NAMES = ("q", "k", "d", "kx", "beta", "g", "initial_state")
 
 
-def make_inputs(B, T, H, K, V, L, dtype, n_seqs=None, g_range=(-0.5, -0.01), beta_range=(0.0, 1.0), seed=0):
-    """Random PRISM inputs (unit keys, g <= 0, beta in (0, 1)) rounded to dtype, as leaves on DEVICE."""
+def make_inputs(B, T, H, K, V, L, dtype, n_seqs=None, g_range=(-0.5, -0.01), beta_range=(0.0, 1.0), seed=0,
+                kx_norm=1.0):
+    """Random PRISM inputs (unit keys, extra keys of norm kx_norm, g <= 0, beta in (0, 1)) rounded to
+    dtype, as leaves on DEVICE."""
     gen = torch.Generator().manual_seed(seed)
 
     def rand(*shape):
@@ -55,7 +57,7 @@ def make_inputs(B, T, H, K, V, L, dtype, n_seqs=None, g_range=(-0.5, -0.01), bet
         "q": unit(B, T, H, K),
         "k": unit(B, T, H, K),
         "d": torch.randn(B, T, H, L, V, generator=gen, dtype=torch.float64),
-        "kx": unit(B, T, H, L - 1, K) if L > 1 else None,
+        "kx": kx_norm * unit(B, T, H, L - 1, K) if L > 1 else None,
         "beta": blo + (bhi - blo) * rand(B, T, H, L),
         "g": lo + (hi - lo) * rand(B, T, H),
         "initial_state": torch.randn(B if n_seqs is None else n_seqs, H, K, V, generator=gen, dtype=torch.float64),
@@ -143,7 +145,8 @@ def test_scan_value_blocks(monkeypatch, multiprocessors):
     dict(beta_range=(0.0, 1e-3)),               # beta near 0
     dict(beta_range=(1 - 1e-3, 1.0)),           # beta near 1
     dict(g_range=(-1e-4, 0.0), beta_range=(1 - 1e-3, 1.0)),
-], ids=["decay~1", "decay~0", "beta~0", "beta~1", "decay~1,beta~1"])
+    dict(kx_norm=4.0),                          # unnormalised extra keys (the split solver's default)
+], ids=["decay~1", "decay~0", "beta~0", "beta~1", "decay~1,beta~1", "kx-norm-4"])
 def test_hard_cases(case):
     shape = dict(HARD_SHAPE)
     dtype = shape.pop("dtype")

@@ -78,7 +78,7 @@ def _train(model, steps):
     return losses
 
 
-def _equivalence_worker(tp: int, sequence_parallel: tuple[bool, ...], tie_embeddings: bool):
+def _equivalence_worker(tp: int, sequence_parallel: tuple[bool, ...], tie_embeddings: bool, solver: dict):
     import torch.distributed as dist
     from megatron.core import parallel_state
 
@@ -86,7 +86,7 @@ def _equivalence_worker(tp: int, sequence_parallel: tuple[bool, ...], tie_embedd
     from prism_megatron.process_groups import initialize_parallel, tp_group
     from prism_megatron.sharding import global_state_dict
 
-    cfg = ModelConfig(**TINY, tie_embeddings=tie_embeddings)
+    cfg = ModelConfig(**{**TINY, **solver}, tie_embeddings=tie_embeddings)
     tokens, labels, cu = _batch(0)
 
     initialize_parallel(ParallelConfig(1), seed=0)
@@ -141,12 +141,15 @@ def _check_errors(tp: int):
         model(torch.zeros(1, 15, dtype=torch.long))
 
 
-@pytest.mark.parametrize("tp,sequence_parallel,tie_embeddings", [(2, (False, True), False), (4, (True,), True)])
-def test_tp_matches_tp1(tp, sequence_parallel, tie_embeddings):
+@pytest.mark.parametrize("tp,sequence_parallel,tie_embeddings,solver", [
+    (2, (False, True), False, {}), (4, (True,), True, {}),
+    # The split solver with low-rank maps: L + 1 = 4 directions, in_proj's b part, per-head factors.
+    (2, (True,), False, dict(solver="split", solver_steps=3, solver_rank=4))], ids=["tp2", "tp4", "tp2-split"])
+def test_tp_matches_tp1(tp, sequence_parallel, tie_embeddings, solver):
     """Same logits, loss, gradients (gathered) and weights after AdamW steps as TP=1, with and
     without SP; replicated parameters identical on every TP rank; clear errors for sizes that do
     not split."""
-    run_distributed(tp, _equivalence_worker, tp, sequence_parallel, tie_embeddings)
+    run_distributed(tp, _equivalence_worker, tp, sequence_parallel, tie_embeddings, solver)
 
 
 def _deepspeed_worker():

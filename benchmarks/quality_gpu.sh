@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# One call of the quality comparison (docs/QUALITY.md) on a GPU machine without this project
+# installed (the device tool's): installs the wheels of shared/device/fetch-wheels.sh, rebuilds the
+# code corpus from runs/code-corpus/carry and checks it against the store made where carry/ was
+# (benchmarks/code_corpus.py), unpacks the metrics of runs finished in earlier calls
+# (runs/quality-metrics.tgz, if carried; a warm machine keeps its own, newer files), then runs
+# benchmarks/quality.py on PLAN with --out runs/quality.
+#
+#   bash benchmarks/quality_gpu.sh OUT_DIR PLAN [quality.py arguments, e.g. --parallel 4 --time-limit 460]
+#
+# Carry .whl, runs/code-corpus/carry and, after the first call, runs/quality-metrics.tgz. OUT_DIR gets
+# corpus.log, quality.log (the harness's output), the plan's quality.md, quality.json and quality.png,
+# and quality-metrics.tgz (every run's run.json and metrics.jsonl): put that at
+# runs/quality-metrics.tgz for the next call, which then skips the runs that finished. Runs cut short
+# by --time-limit resume from their checkpoints only on the same (warm) machine.
+set -u
+usage="usage: bash benchmarks/quality_gpu.sh OUT_DIR PLAN [quality.py arguments]"
+out=${1:?$usage}
+plan=${2:?$usage}
+shift 2
+root=$(cd "$(dirname "$0")/.." && pwd)
+out=$(mkdir -p "$out" && cd "$out" && pwd)
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$root/.triton_cache}
+
+python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --target /tmp/prism_site "$root"/.whl/*.whl \
+    || exit 1
+# The checkout is the import tree (prism_megatron/ links kernels/, launch/ and data_prep/).
+export PYTHONPATH="$root:/tmp/prism_site${PYTHONPATH:+:$PYTHONPATH}"
+cd "$root" || exit 1
+
+python3 benchmarks/code_corpus.py rebuild runs/code-corpus > "$out/corpus.log" 2>&1 \
+    || { tail -5 "$out/corpus.log"; exit 1; }
+tail -1 "$out/corpus.log"
+if [ -f runs/quality-metrics.tgz ]; then
+    tar xzf runs/quality-metrics.tgz --skip-old-files || exit 1
+fi
+
+python3 benchmarks/quality.py "$plan" --out runs/quality "$@" 2>&1 | tee "$out/quality.log"
+status=${PIPESTATUS[0]}
+cp runs/quality/"$(basename "$plan" .yaml)"/quality.{md,json,png} "$out"/
+find runs/quality/runs \( -name run.json -o -name metrics.jsonl \) -print0 2>/dev/null \
+    | tar czf "$out/quality-metrics.tgz" --null -T -
+exit "$status"
