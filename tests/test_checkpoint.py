@@ -132,11 +132,18 @@ def test_kill_during_saves_never_leaves_a_half_written_checkpoint(tmp_path, stor
         proc = subprocess.Popen([str(BIN / "prism-train"), "--config", str(config), "--resume"],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         deadline = time.monotonic() + 120
+        if trial == 0:  # the first run commits one checkpoint first: every next run has one to resume
+            while not checkpoint.committed(ckpts) and proc.poll() is None:
+                assert time.monotonic() < deadline, "no checkpoint committed"
+                time.sleep(0.001)
+            launched = time.time()
         # Wait until this run starts a save (a step folder written since it started), then kill it.
         while not _written_since(ckpts, launched) and proc.poll() is None:
             assert time.monotonic() < deadline, "no save started"
             time.sleep(0.001)
-        time.sleep(rng.uniform(0, 0.05))
+        # Odd trials kill as the save's first file appears (a save takes tens of ms: surely inside it);
+        # even ones at a random moment of the next 50 ms (inside it, or just after its commit).
+        time.sleep(0 if trial % 2 else rng.uniform(0, 0.05))
         proc.send_signal(signal.SIGKILL)
         out = proc.communicate()[0]
         assert proc.returncode == -signal.SIGKILL, out[-2000:]
