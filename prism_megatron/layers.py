@@ -185,7 +185,7 @@ class LinearOfRecomputed(torch.autograd.Function):
             hidden = ctx.fn(*inputs)
         dweight = dy.flatten(0, -2).T @ hidden.detach().flatten(0, -2)
         wanted = [x for x in inputs if x.requires_grad]
-        grads = iter(torch.autograd.grad(hidden, wanted, dy @ weight))
+        grads = iter(torch.autograd.grad(hidden, wanted, dy @ weight) if wanted else ())
         return (None, dweight, *(next(grads) if x.requires_grad else None for x in inputs))
 
 

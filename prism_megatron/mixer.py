@@ -158,9 +158,9 @@ class PrismMixer(nn.Module):
     def mix(self, conv_input: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None, position: torch.Tensor | None,
             cu_seqlens: PackedSequences | None, context: ContextSlice | None, conv: torch.Tensor | None) -> torch.Tensor:
         """in_proj's outputs (the convolution's channels, the decay and, for Gated DeltaNet and the split
-        solver, the strength logits of the write along k) -> the recurrence's output per head: what model.recompute = selective re-runs in the
-        backward. `conv`: the short convolution's output before SiLU where context parallelism has
-        formed it already."""
+        solver, the strength logits of the write along k) -> the recurrence's output per head: what
+        model.recompute = selective re-runs in the backward. `conv`: the short convolution's output
+        before SiLU where context parallelism has formed it already."""
         layout, tp = self.layout, tp_size()
         fused = use_fused(self.fused_ops, conv_input)
         silu_channels = sum(layout.conv_sizes[:3]) // tp

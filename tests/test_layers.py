@@ -40,3 +40,14 @@ def test_linear_of_recomputed_matches_autograd(name):
             assert a is None
         else:
             torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+def test_linear_of_recomputed_with_only_the_weight_trained():
+    """No input needs a gradient (a frozen layer below): the weight's gradient alone, no error."""
+    gen = torch.Generator().manual_seed(2)
+    gate_up = torch.randn(4, 12, generator=gen, dtype=torch.float64)
+    weight = torch.randn(7, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    fn = functools.partial(swiglu, False)
+    LinearOfRecomputed.apply(fn, weight, gate_up).sum().backward()
+    expected = torch.ones(4, 7, dtype=torch.float64).T @ fn(gate_up)
+    torch.testing.assert_close(weight.grad, expected, atol=1e-12, rtol=1e-12)

@@ -117,7 +117,8 @@ def test_presets(name, low, high):
     assert low <= model.num_parameters() <= high
 
 
-@pytest.mark.parametrize("field,value", [("solver", "gdn"), ("recompute", "some"), ("num_heads", 0), ("norm_eps", 0.0)])
+@pytest.mark.parametrize("field,value", [("solver", "gdn"), ("recompute", "some"), ("fused_ops", "maybe"),
+                                         ("num_heads", 0), ("norm_eps", 0.0)])
 def test_bad_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=f"model.{field}"):
         ModelConfig(**{field: value}).validate()
