@@ -174,7 +174,7 @@ def kernel_step(cfg, device: torch.device):
 
     def step():
         if context is not None:
-            o = context_parallel_recurrence(q, k, d, kx, beta, g, scale, context, m.kernel_backend)
+            o, _ = context_parallel_recurrence(q, k, d, kx, beta, g, scale, context, m.kernel_backend)
         else:
             o, _ = prism_recurrence(q, k, d, kx, beta, g, scale=scale, backend=m.kernel_backend)
         torch.autograd.grad(o, inputs, do)

@@ -121,9 +121,10 @@ def causal_conv(x: torch.Tensor, weight: torch.Tensor, context: ContextSlice) ->
 
 
 def context_parallel_recurrence(q, k, d, kx, beta, g, scale: float, context: ContextSlice,
-                                backend: str) -> torch.Tensor:
+                                backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """prism_recurrence over the packed local sequences of `context` (B = 1), each continuing
-    document starting from the state the earlier ranks leave; returns o."""
+    document starting from the state the earlier ranks leave; returns o and each local sequence's
+    final state [N, H, K, V] (a document's final state where the sequence ends it)."""
     N, H, K, V = context.carries.numel(), q.shape[2], q.shape[3], d.shape[-1]
     state_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     augmented = torch.cat([d, d.new_zeros(d.shape[:-1] + (K,))], dim=-1)
@@ -141,6 +142,5 @@ def context_parallel_recurrence(q, k, d, kx, beta, g, scale: float, context: Con
     # Rows whose first token starts a document take no state (carries is False there).
     carried = state * context.carries[context.first].to(state_dtype)[:, None, None, None]
     initial = torch.zeros(N, H, K, V, dtype=state_dtype, device=q.device).index_add(0, context.first, carried)
-    o, _ = prism_recurrence(q, k, d, kx, beta, g, scale=scale, initial_state=initial,
+    return prism_recurrence(q, k, d, kx, beta, g, scale=scale, initial_state=initial, output_final_state=True,
                             cu_seqlens=context.cu_seqlens, backend=backend)
-    return o

@@ -178,7 +178,8 @@ class PrismMixer(nn.Module):
             d, kx, beta = self.solver(u[0].reshape(heads), v, b, fused)
         scale = self.head_k_dim**-0.5
         if context is not None:
-            return context_parallel_recurrence(q, k, d, kx, beta.to(q.dtype), g, scale, context, self.backend)
+            o, _ = context_parallel_recurrence(q, k, d, kx, beta.to(q.dtype), g, scale, context, self.backend)
+            return o
         o, _ = prism_recurrence(q, k, d, kx, beta.to(q.dtype), g, scale=scale, cu_seqlens=cu_seqlens,
                                 backend=self.backend)
         return o

@@ -1,6 +1,6 @@
 """Context parallelism on the CPU (gloo, 4 processes; about 4 minutes on 2 cores): the sample split over CP = 2 and 4 ranks
-computes what CP = 1 computes, on the op (torch backend in float64, Triton under the interpreter in
-float32), and on the whole model with TP, through training steps, with documents that start, end and
+computes what CP = 1 computes, on the op (outputs, final states and gradients; torch backend in
+float64, Triton under the interpreter in float32), and on the whole model with TP, through training steps, with documents that start, end and
 cross at rank boundaries and fewer heads than CP ranks."""
 from __future__ import annotations
 
@@ -47,8 +47,10 @@ def _op_worker(backend: str, dtype, K: int, V: int, atol: float):
             x = _inputs(B, 2, K, V, 3, dtype)
             cu = None if bounds is None else torch.tensor(bounds, dtype=torch.int32)
             full = {n: x[n].clone().requires_grad_() for n in names}
-            o_ref, _ = prism_recurrence(*(full[n] for n in names), scale=0.5, cu_seqlens=cu, backend=backend)
+            o_ref, final_ref = prism_recurrence(*(full[n] for n in names), scale=0.5, output_final_state=True,
+                                                cu_seqlens=cu, backend=backend)
             o_ref.backward(x["do"])
+            sequence_ends = (bounds[1:] if bounds else [T * (row + 1) for row in range(B)])
 
             initialize_parallel(ParallelConfig(context_parallel_size=cp), seed=0)
             local = T // cp
@@ -56,11 +58,22 @@ def _op_worker(backend: str, dtype, K: int, V: int, atol: float):
             context = ContextSlice.build(token_positions(B, T, cu, "cpu"))
             mine = {n: x[n][:, part].clone().requires_grad_() for n in names}
             packed = {n: t.reshape((1, B * local) + t.shape[2:]) for n, t in mine.items()}
-            o = context_parallel_recurrence(*(packed[n] for n in names), 0.5, context, backend)
+            o, final = context_parallel_recurrence(*(packed[n] for n in names), 0.5, context, backend)
             o = o.reshape(B, local, *o.shape[2:])
             o.backward(x["do"][:, part])
             what = f"{backend} CP={cp} B={B}"
             torch.testing.assert_close(o, o_ref[:, part].detach(), atol=atol, rtol=0, msg=lambda m: f"o {what}: {m}")
+            # A local sequence that ends a document (or a row) on this rank ends with that one's final state.
+            compared = 0
+            for i, end in enumerate(context.cu_seqlens[1:].tolist()):  # local flat index just past it
+                row = (end - 1) // local
+                at = row * T + cp_rank() * local + end - row * local  # the same in the whole batch
+                if at in sequence_ends:
+                    compared += 1
+                    torch.testing.assert_close(final[i], final_ref[sequence_ends.index(at)].detach(), atol=atol,
+                                               rtol=0, msg=lambda m: f"final state {what}: {m}")
+            mine_end = [e for e in sequence_ends if cp_rank() * local < e - (e - 1) // T * T <= (cp_rank() + 1) * local]
+            assert compared == len(mine_end), f"{what}: {compared} final states compared, {len(mine_end)} end here"
             for n in names:
                 torch.testing.assert_close(mine[n].grad, full[n].grad[:, part], atol=atol, rtol=0,
                                            msg=lambda m: f"d{n} {what}: {m}")
