@@ -91,8 +91,19 @@ def profile_step(phases) -> dict:
     events = prof.key_averages()
     kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
     cuda_total = sum(e.self_device_time_total for e in kernels) / 1e6
+    # The optimizer step alone, by host time: a step that launches a kernel or two per parameter, or
+    # waits on the GPU, shows here.
+    *before_step, (_, optimizer_step) = phases
+    for _, run in before_step:
+        run()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=activities) as step_prof:
+        optimizer_step()
+        torch.cuda.synchronize()
     return dict(phase_seconds=times, profiled_wall_s=round(wall, 4), cuda_kernel_s=round(cuda_total, 4),
                 kernel_launches=sum(e.count for e in kernels),
+                step_operators=step_prof.key_averages().table(sort_by="cpu_time_total", row_limit=20,
+                                                              max_name_column_width=50),
                 kernels=events.table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=90),
                 operators=prof.key_averages(group_by_input_shape=True).table(
                     sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=40,
@@ -215,6 +226,7 @@ def report(result: dict, profile: bool) -> None:
               f"CUDA kernels {result['cuda_kernel_s']} s in {result['kernel_launches']} launches", flush=True)
         print(result["kernels"], flush=True)
         print(result["operators"], flush=True)
+        print(result["step_operators"], flush=True)
 
 
 def main() -> None:

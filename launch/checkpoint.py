@@ -313,13 +313,15 @@ def load_layout_free(engine, folder: Path) -> TrainState:
     record = json.loads((folder / STATE).read_text())
     params = dict(engine.module.named_parameters())
     names = {id(p): name for name, p in params.items()}
-    groups = [[names[id(p)] for p in group] for group in engine.optimizer.bit16_groups]
+    # ZeRO's optimizer calls its parameter groups bit16_groups, the bf16 ZeRO-1 optimizer bf16_groups.
+    bit16_groups = getattr(engine.optimizer, "bit16_groups", None) or engine.optimizer.bf16_groups
+    groups = [[names[id(p)] for p in group] for group in bit16_groups]
     if groups != record["groups"]:
         raise CheckpointError(f"{folder} does not match this model's parameter groups: saved "
                               f"{record['groups']}, here {groups}")
     # Adam's state, as torch's AdamW creates it at its first step (which has not happened yet here);
     # then DeepSpeed links each parameter to its fragment of it, and the values are written through that.
-    optimizer = engine.optimizer.optimizer  # the AdamW inside ZeRO, one flat fp32 partition per group
+    optimizer = engine.optimizer.optimizer  # our AdamW inside DeepSpeed's, one flat fp32 partition per group
     for group, lr in zip(optimizer.param_groups, record["lr_scheduler"]["_last_lr"]):
         group["lr"] = lr
         for flat in group["params"]:
@@ -392,14 +394,21 @@ def global_state(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
                 local["weight"].setdefault(name, []).append(tensor)
         shards = [safe_load(_optimizer_file(path, dp, mp), "cpu")["optimizer_state_dict"]
                   for dp in range(layout.data_parallel)]
+        # ZeRO's optimizer (fp32 runs, and ZeRO-2) saves the fp32 weights without the group's end padding
+        # and pads each parameter; DeepSpeed's bf16 ZeRO-1 optimizer packs the parameters back to back
+        # and saves every partition whole, end padding included.
+        bf16_format = "param_alignment_paddings" not in shards[0]
+
+        def unpadded(shard: dict, tensor: torch.Tensor, g: int) -> torch.Tensor:
+            return tensor[: tensor.numel() - shard["group_paddings"][g]]
+
         for g, shapes in enumerate(model_states["param_shapes"]):
-            flat = {"fp32": torch.cat([s["single_partition_of_fp32_groups"][g] for s in shards])}
+            flat = {"fp32": torch.cat([unpadded(s, s["single_partition_of_fp32_groups"][g], g) if bf16_format
+                                       else s["single_partition_of_fp32_groups"][g] for s in shards])}
             for kind in ("exp_avg", "exp_avg_sq"):
-                # Each rank's partition still holds its share of the group's end padding.
-                flat[kind] = torch.cat([s["base_optimizer_state"]["state"][g][kind][
-                    : s["base_optimizer_state"]["state"][g][kind].numel() - s["group_paddings"][g]] for s in shards])
+                flat[kind] = torch.cat([unpadded(s, s["base_optimizer_state"]["state"][g][kind], g) for s in shards])
             adam_steps |= {float(s["base_optimizer_state"]["state"][g]["step"]) for s in shards}
-            paddings = shards[0]["param_alignment_paddings"][g]
+            paddings = [0] * len(shapes) if bf16_format else shards[0]["param_alignment_paddings"][g]
             offset = 0
             for (name, shape), padding in zip(shapes.items(), paddings):
                 numel = torch.Size(shape).numel()

@@ -305,6 +305,10 @@ def build_engine(cfg: RunConfig, model: torch.nn.Module):
             # added to its float32 accumulator as soon as it is ready and then freed, so the bf16
             # gradients of the whole model never exist at once.
             "bf16": {"enabled": use_bf16(t), "check_grad_overflow": True, "immediate_grad_update": True},
+            # Gradients accumulate over micro batches in float32 (DeepSpeed's default for bf16 is bf16).
+            # At ZeRO-1 this selects DeepSpeed's bf16 optimizer, which also checks for non-finite
+            # gradients through the global norm alone, not with a pass over every gradient.
+            "data_types": {"grad_accum_dtype": "fp32"},
             # ZeRO wraps our AdamW instance.
             "zero_allow_untested_optimizer": True,
             "steps_per_print": 1 << 62,
