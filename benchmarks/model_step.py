@@ -152,7 +152,7 @@ def run_prism(config: Path, overrides: list[str], store: Path, warmup: int, step
     model = PrismLM(cfg.model, cfg.parallel)
     flops = step_flops(cfg.model, TOKENS[1])
     engine, _ = build_engine(cfg, model)
-    data = batches(store, warmup + steps + 2)
+    data = batches(store, warmup + steps + 3)  # + the profiled steps (profile_step runs 3)
 
     loss = None
 
@@ -179,7 +179,7 @@ def run_fla(store: Path, warmup: int, steps: int, profile: bool) -> dict:
     model = GatedDeltaNetForCausalLM(GatedDeltaNetConfig()).cuda()
     n_params = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)
-    data = batches(store, warmup + steps + 2)
+    data = batches(store, warmup + steps + 3)  # + the profiled steps (profile_step runs 3)
 
     loss = None
 

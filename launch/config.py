@@ -243,6 +243,9 @@ def _coerce(value: Any, kind: Any, source: str, name: str) -> Any:
         return value
     if kind in (bool, str) and isinstance(value, kind):
         return value
+    # YAML 1.1 reads on/off as booleans: for a string field (model.fused_ops: on | off) they mean the words.
+    if kind is str and isinstance(value, bool):
+        return "on" if value else "off"
     raise ConfigError(f"{source}: {name}: expected {kind.__name__}, got {value!r}")
 
 

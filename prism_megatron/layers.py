@@ -142,7 +142,15 @@ class Fusable:
         self.compiled = torch.compile(fn)
 
     def __call__(self, fused: bool, *args, **kwargs):
-        return (self.compiled if fused else self.eager)(*args, **kwargs)
+        if not fused:
+            return self.eager(*args, **kwargs)
+        # Parameters go in as plain views. Inductor takes a parameter for a static input: if the first
+        # one it compiled with was 16-byte aligned, its kernel assumes every later one is and skips the
+        # check (and copy) it does for other inputs. DeepSpeed packs the parameters into one flat buffer,
+        # so one that follows, say, A_log of 6 heads is not aligned, and the GPU faults on it
+        # ("misaligned address").
+        args = [a.view_as(a) if isinstance(a, nn.Parameter) else a for a in args]
+        return self.compiled(*args, **kwargs)
 
 
 @Fusable

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from prism_megatron.layers import LinearOfRecomputed, gated_rms_norm, swiglu
+from prism_megatron.layers import LinearOfRecomputed, gated_rms_norm, rms_norm, swiglu
 
 
 def _grads(outputs, inputs, seed):
@@ -51,3 +51,18 @@ def test_linear_of_recomputed_with_only_the_weight_trained():
     LinearOfRecomputed.apply(fn, weight, gate_up).sum().backward()
     expected = torch.ones(4, 7, dtype=torch.float64).T @ fn(gate_up)
     torch.testing.assert_close(weight.grad, expected, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.gpu
+def test_fused_ops_take_a_misaligned_parameter_after_an_aligned_one_gpu():
+    """DeepSpeed packs the parameters into one flat buffer, so some (those after A_log of 6 or 20 heads)
+    are not 16-byte aligned. The compiled RMSNorm, having compiled with an aligned weight, takes a
+    misaligned one (the order in which Inductor's kernel faulted, when parameters went in as such)."""
+    hidden = 760  # a width no other test compiles for
+    x = torch.randn(4, 64, hidden, device="cuda", dtype=torch.bfloat16)
+    flat = torch.randn(2 * hidden + 1, device="cuda", dtype=torch.bfloat16)
+    aligned, misaligned = torch.nn.Parameter(flat[:hidden]), torch.nn.Parameter(flat[hidden + 1:])
+    assert misaligned.data_ptr() % 16
+    for weight in (aligned, misaligned):
+        torch.testing.assert_close(rms_norm(True, x, weight, 1e-6), rms_norm(False, x, weight, 1e-6))
+    torch.cuda.synchronize()

@@ -110,6 +110,15 @@ def test_numbers_yaml_reads_as_strings_are_floats(tmp_path):
     fails_with(prism_train("--config", config, "--set", "optim.lr=fast", check=False), "optim.lr", "expected float")
 
 
+def test_on_and_off_yaml_reads_as_booleans_are_words(tmp_path):
+    """YAML 1.1 reads on/off as booleans; as a string field's value (model.fused_ops) they are the words."""
+    config = write_config(tmp_path, "unused")
+    assert load_config(config, ["model.fused_ops=off"]).model.fused_ops == "off"
+    assert load_config(config, ["model.fused_ops=on"]).model.fused_ops == "on"
+    config.write_text(config.read_text().replace("model:\n", "model:\n  fused_ops: off\n"))
+    assert load_config(config).model.fused_ops == "off"
+
+
 def test_bad_input_is_one_line_before_start_up(tmp_path, store):
     """Each mistake is refused before the model is built, in one line naming the file or the key."""
     config = write_config(tmp_path, store)
