@@ -395,8 +395,8 @@ def global_state(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
         shards = [safe_load(_optimizer_file(path, dp, mp), "cpu")["optimizer_state_dict"]
                   for dp in range(layout.data_parallel)]
         # ZeRO's optimizer (fp32 runs, and ZeRO-2) saves the fp32 weights without the group's end padding
-        # and pads each parameter; DeepSpeed's bf16 ZeRO-1 optimizer packs the parameters back to back
-        # and saves every partition whole, end padding included.
+        # and lists a padding per parameter; DeepSpeed's bf16 ZeRO-1 optimizer packs the parameters back
+        # to back and saves every partition whole, end padding included.
         bf16_format = "param_alignment_paddings" not in shards[0]
 
         def unpadded(shard: dict, tensor: torch.Tensor, g: int) -> torch.Tensor:
