@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from prism_megatron.layers import LinearOfRecomputed, gated_rms_norm, rms_norm, swiglu
+from prism_megatron.layers import Fusable, LinearOfRecomputed, gated_rms_norm, rms_norm, swiglu
 
 
 def _grads(outputs, inputs, seed):
@@ -51,6 +51,18 @@ def test_linear_of_recomputed_with_only_the_weight_trained():
     LinearOfRecomputed.apply(fn, weight, gate_up).sum().backward()
     expected = torch.ones(4, 7, dtype=torch.float64).T @ fn(gate_up)
     torch.testing.assert_close(weight.grad, expected, atol=1e-12, rtol=1e-12)
+
+
+def test_compiled_glue_gets_no_parameter_objects():
+    """What the GPU test below relies on, checked in CI: the compiled function sees parameters as plain
+    tensors (Inductor assumes a parameter's alignment), which still carry the gradient back to them."""
+    seen = []
+    mul = Fusable(lambda x, w: x * w)
+    mul.compiled = lambda *args: seen.extend(args) or mul.eager(*args)
+    x, w = torch.randn(3), torch.nn.Parameter(torch.randn(3))
+    mul(True, x, w).sum().backward()
+    assert not any(isinstance(a, torch.nn.Parameter) for a in seen)
+    torch.testing.assert_close(w.grad, x)
 
 
 @pytest.mark.gpu
