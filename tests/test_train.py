@@ -269,3 +269,19 @@ def test_two_data_parallel_ranks_match_one(tmp_path, store):
     assert sorted(data_parallel) == sorted(reference)
     assert data_parallel == pytest.approx(reference, rel=1e-4)
     assert (two / "ckpt" / "step_00000006" / COMPLETE).is_file()
+
+
+def test_bf16_training_at_dp2_and_cp2_follows_dp1(tmp_path, store):
+    """bf16 runs (DeepSpeed's bf16 optimizer, the path GPUs take) at DP=2 and at CP=2, 2 gloo ranks each,
+    follow DP=1's losses to bf16 rounding: the gradients are reduced over the ranks of both layouts."""
+    runs = {}
+    for name, nproc, parallel in [("dp1", 1, {}), ("dp2", 2, {}), ("cp2", 2, {"context_parallel_size": 2})]:
+        path = write_config(tmp_path / name, store, training={"precision": "bf16"})
+        raw = yaml.safe_load(path.read_text())
+        raw["parallel"] = parallel
+        path.write_text(yaml.safe_dump(raw))
+        prism_train("--config", path, nproc=nproc)
+        runs[name] = losses(tmp_path / name)
+    assert sorted(runs["dp1"]) == list(range(1, STEPS + 1))
+    for name in ("dp2", "cp2"):
+        assert runs[name] == pytest.approx(runs["dp1"], abs=5e-4), name
