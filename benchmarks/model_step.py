@@ -3,10 +3,11 @@
     python benchmarks/model_step.py --store DIR | --build-store WORKDIR  [--steps 6] [--profile]
         [--config launch/configs/1.3b.yaml] [--set KEY=VALUE ...] [--variants NAME ...]
 
-Each PRISM variant (the preset of --config, 1.3B by default, with the variant's and --set's
-overrides) runs as prism-train runs it: PrismLM under a DeepSpeed engine (bf16, ZeRO-1, our
-AdamW instance), batches of 4 x 4096 tokens from the real loader (DistributedBatchLoader with
-cu_seqlens) on a token store made by prism-prep (--build-store: from this machine's Python standard
+Each PRISM variant (the preset of --config, 1.3B by default, with --set's overrides and then the
+variant's: a model, PRISM L=3 or L=1, `solver: none` or L=3 with fused_ops off, in a recompute mode,
+e.g. prism-L1-selective, unsuffixed for none) runs as prism-train runs it: PrismLM under a DeepSpeed
+engine (bf16, ZeRO-1, our AdamW instance), batches of 4 x 4096 tokens from the real loader
+(DistributedBatchLoader with cu_seqlens) on a token store made by prism-prep (--build-store: from this machine's Python standard
 library sources, one document per file). fla's model runs at its default config with its defaults
 (bf16 autocast over float32 weights, fused AdamW), on the same batches' tokens. Prints per variant
 tokens/s over the timed steps (after --warmup steps that compile), MFU against the device's dense bf16
@@ -33,15 +34,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 TOKENS = (4, 4096)
 CORPUS_BYTES = 20_000_000
-VARIANTS = {  # name -> overrides of the --config preset
-    "prism-L3": [],
-    "prism-L3-selective": ["model.recompute=selective"],
-    "prism-L3-full": ["model.recompute=full"],
-    "prism-L1": ["model.solver_steps=1"],
+MODELS = {  # name -> overrides of the --config preset
+    "prism-L3": ["model.solver=prism", "model.solver_steps=3"],
+    "prism-L1": ["model.solver=prism", "model.solver_steps=1"],
     "solver-none": ["model.solver=none"],
     # The same model with the PyTorch code the fused kernels replace (what fusing bought).
-    "prism-L3-reference": ["model.fused_ops=off"],
+    "prism-L3-reference": ["model.solver=prism", "model.solver_steps=3", "model.fused_ops=off"],
 }
+# Each model in each recompute mode: prism-L3 (none), prism-L3-selective, prism-L3-full, ...
+VARIANTS = {name + ("" if mode == "none" else f"-{mode}"): [*overrides, f"model.recompute={mode}"]
+            for name, overrides in MODELS.items() for mode in ("none", "selective", "full")}
 
 
 def build_store(workdir: Path) -> Path:

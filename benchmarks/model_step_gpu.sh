@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Issue 14's measurements on a GPU machine without this project installed (the device tool's): the
+# wheels of shared/device/fetch-wheels.sh (carry .whl), a token store of the standard library's
+# sources, then benchmarks/model_step.py in parts. Each part writes OUT_DIR/PART.log and appends its
+# rows to OUT_DIR/results.jsonl as they finish, so a call cut short keeps what it finished.
+#
+#   bash benchmarks/model_step_gpu.sh OUT_DIR PART...
+#
+#   profile  PRISM L=3, `solver: none` and fla's GatedDeltaNetForCausalLM in one run, with --profile
+#            (phases, top kernels, operators by shape, the optimizer step's host time)
+#   matrix   fla's model, then every model of model_step.py (L=3, L=1, none, L=3 with fused_ops off)
+#            in each recompute mode, one run
+#   2.7b     the 2.7B preset on one GPU (TP=1, no SP) with selective and with full recomputation
+#
+# On a fresh H200 fla's model compiles and autotunes for about 3 minutes; TRITON_CACHE_DIR (default:
+# .triton_cache in the checkout) keeps that for later calls on the same warm machine. `profile` takes
+# about 5 minutes there, `matrix` about 6 and `2.7b` 2: two device calls of 10 minutes, the second
+# made within the 30 s a machine stays warm.
+set -u
+usage="usage: bash benchmarks/model_step_gpu.sh OUT_DIR profile|matrix|2.7b ..."
+out=${1:?$usage}
+shift
+[ $# -gt 0 ] || { echo "$usage" >&2; exit 2; }
+for part in "$@"; do
+    case "$part" in profile|matrix|2.7b) ;; *) echo "$usage" >&2; exit 2 ;; esac
+done
+root=$(cd "$(dirname "$0")/.." && pwd)
+out=$(mkdir -p "$out" && cd "$out" && pwd)
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$root/.triton_cache} TRITON_CACHE_AUTOTUNING=1
+
+python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --target /tmp/prism_site "$root"/.whl/*.whl \
+    || exit 1
+export PYTHONPATH="$root:/tmp/prism_site${PYTHONPATH:+:$PYTHONPATH}"
+cd "$root" || exit 1
+store=/tmp/model_step/store
+# A warm machine keeps the store of an earlier call (the marker says it was finished).
+if [ ! -f /tmp/model_step/built ]; then
+    rm -rf /tmp/model_step
+    python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from pathlib import Path; \
+from model_step import build_store; build_store(Path('/tmp/model_step'))" > "$out/store.log" 2>&1 \
+        || { tail -5 "$out/store.log"; exit 1; }
+    touch /tmp/model_step/built
+fi
+
+step() {  # model_step.py with the common arguments
+    python3 benchmarks/model_step.py --store "$store" --warmup 2 --steps 4 --json "$out/results.jsonl" "$@"
+}
+status=0
+for part in "$@"; do
+    case "$part" in
+    profile) step --profile --timeout 300 --variants prism-L3 solver-none fla-gdn ;;
+    matrix) step --timeout 120 --variants fla-gdn prism-L3 prism-L3-selective prism-L3-full prism-L1 \
+                prism-L1-selective prism-L1-full solver-none solver-none-selective solver-none-full \
+                prism-L3-reference ;;
+    2.7b) step --timeout 200 --config launch/configs/2.7b.yaml --set parallel.tensor_model_parallel_size=1 \
+              --set parallel.sequence_parallel=false --variants prism-L3-selective prism-L3-full ;;
+    esac > "$out/$part.log" 2>&1 || status=1
+    grep "tokens/s\|FAILED" "$out/$part.log"
+done
+exit "$status"
