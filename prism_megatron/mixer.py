@@ -161,8 +161,28 @@ class PrismMixer(nn.Module):
         solver, the strength logits of the write along k) -> the recurrence's output per head: what
         model.recompute = selective re-runs in the backward. `conv`: the short convolution's output
         before SiLU where context parallelism has formed it already."""
-        layout, tp = self.layout, tp_size()
         fused = use_fused(self.fused_ops, conv_input)
+        if conv is None:
+            # The convolution's output is not kept for the backward (at 1.3B, 16 KiB a token and layer):
+            # the backward forms it again from conv_input, a part of in_proj's output, which is kept anyway.
+            q, k, d, kx, beta = checkpoint(self.recurrence_inputs, fused, conv_input, b, position, None,
+                                           use_reentrant=False)
+        else:
+            q, k, d, kx, beta = self.recurrence_inputs(fused, conv_input, b, position, conv)
+        g = decay(fused, a, self.A_log, self.dt_bias)
+        scale = self.head_k_dim**-0.5
+        if context is not None:
+            o, _ = context_parallel_recurrence(q, k, d, kx, beta.to(q.dtype), g, scale, context, self.backend)
+            return o
+        o, _ = prism_recurrence(q, k, d, kx, beta.to(q.dtype), g, scale=scale, cu_seqlens=cu_seqlens,
+                                backend=self.backend)
+        return o
+
+    def recurrence_inputs(self, fused: bool, conv_input: torch.Tensor, b: torch.Tensor | None,
+                          position: torch.Tensor | None, conv: torch.Tensor | None):
+        """The short convolution (or, under context parallelism, its given output `conv` before SiLU), the
+        normalised q and k, and the solver's directions, extra keys and strengths -> q, k, d, kx, beta."""
+        layout, tp = self.layout, tp_size()
         silu_channels = sum(layout.conv_sizes[:3]) // tp
         if conv is None:
             conv = short_conv(fused, conv_input, self.conv_weight, position, silu_channels)
@@ -171,18 +191,10 @@ class PrismMixer(nn.Module):
         q, k, v, *u = layout.split(conv, tp, layout.conv_parts)
         heads = conv_input.shape[:2] + (self.heads, -1)
         q, k, v = l2norm(fused, q.reshape(heads)), l2norm(fused, k.reshape(heads)), v.reshape(heads)
-        g = decay(fused, a, self.A_log, self.dt_bias)
         if self.solver is None:
-            d, kx, beta = v.unsqueeze(3), None, torch.sigmoid(b).unsqueeze(3)
-        else:  # the split solver also takes b, the strength of its write along k
-            d, kx, beta = self.solver(u[0].reshape(heads), v, b, fused)
-        scale = self.head_k_dim**-0.5
-        if context is not None:
-            o, _ = context_parallel_recurrence(q, k, d, kx, beta.to(q.dtype), g, scale, context, self.backend)
-            return o
-        o, _ = prism_recurrence(q, k, d, kx, beta.to(q.dtype), g, scale=scale, cu_seqlens=cu_seqlens,
-                                backend=self.backend)
-        return o
+            return q, k, v.unsqueeze(3), None, torch.sigmoid(b).unsqueeze(3)
+        # The split solver also takes b, the strength of its write along k.
+        return (q, k, *self.solver(u[0].reshape(heads), v, b, fused))
 
     def gated_norm(self, fused: bool, shape: tuple[int, ...], o: torch.Tensor, z: torch.Tensor,
                    weight: torch.Tensor) -> torch.Tensor:

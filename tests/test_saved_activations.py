@@ -22,6 +22,15 @@ def test_a_layer_keeps_less_with_more_recomputation():
     assert kept("full") == 0 < kept("selective") < kept("none")
 
 
+def test_the_convolutions_output_is_not_kept():
+    """The mixer forms the convolution's output (q, k, v and the anchor u: 4 x 4 heads x 64 channels of
+    tiny.yaml, bf16) again in the backward: no bf16 storage of that width is kept."""
+    per_module = saved_per_token(TINY, ["model.kernel_backend=torch"], 64)
+    conv_bytes = 4 * 4 * 64 * 2
+    assert per_module["mixer"]
+    assert not [row for row in per_module["mixer"] if row[1:] == ("bfloat16", conv_bytes)], per_module["mixer"]
+
+
 def test_the_command_prints_the_table():
     # As a user starts it: without the rendezvous variables an in-process run of this suite leaves set.
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
