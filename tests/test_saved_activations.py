@@ -4,12 +4,24 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from saved_activations import saved_per_token  # noqa: E402
 
 TINY = ROOT / "launch/configs/tiny.yaml"
+
+
+@pytest.fixture(autouse=True)
+def restore_environment():
+    """saved_per_token starts torch.distributed as rank 0 of 1, which sets the rendezvous variables
+    (RANK, MASTER_PORT, ...); left set, they would send later tests' processes to its port."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 def kept(recompute: str) -> float:
@@ -32,10 +44,8 @@ def test_the_convolutions_output_is_not_kept():
 
 
 def test_the_command_prints_the_table():
-    # As a user starts it: without the rendezvous variables an in-process run of this suite leaves set.
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks/saved_activations.py"), "--config", str(TINY),
                              "--tokens", "64", "--set", "model.kernel_backend=torch"],
-                            capture_output=True, text=True, timeout=300, env=env)
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "one layer keeps" in result.stdout and "mixer" in result.stdout and "mlp" in result.stdout
