@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import sys
 from pathlib import Path
 
 import torch
@@ -76,7 +77,12 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
-    per_module = saved_per_token(args.config, args.set, args.tokens)
+    from prism_megatron.launch.config import ConfigError
+
+    try:
+        per_module = saved_per_token(args.config, args.set, args.tokens)
+    except ConfigError as e:  # a bad --config or --set: one line, naming the file or key
+        sys.exit(f"saved_activations: error: {e}")
     total = sum(b for rows in per_module.values() for *_, b in rows)
     print(f"{args.config.name} {' '.join(args.set)}: one layer keeps {total / 1024:.1f} KiB a token")
     for module, rows in sorted(per_module.items(), key=lambda kv: -sum(r[2] for r in kv[1])):

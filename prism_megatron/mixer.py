@@ -162,13 +162,11 @@ class PrismMixer(nn.Module):
         model.recompute = selective re-runs in the backward. `conv`: the short convolution's output
         before SiLU where context parallelism has formed it already."""
         fused = use_fused(self.fused_ops, conv_input)
-        if conv is None:
-            # The convolution's output is not kept for the backward (at 1.3B, 16 KiB a token and layer):
-            # the backward forms it again from conv_input, a part of in_proj's output, which is kept anyway.
-            q, k, d, kx, beta = checkpoint(self.recurrence_inputs, fused, conv_input, b, position, None,
-                                           use_reentrant=False)
-        else:
-            q, k, d, kx, beta = self.recurrence_inputs(fused, conv_input, b, position, conv)
+        # Nothing between in_proj's output (kept anyway) and the recurrence is kept for the backward: the
+        # convolution's output (at 1.3B, 16 KiB a token and layer) and the solver's intermediates are
+        # formed again there. Under context parallelism the given `conv` is kept instead.
+        q, k, d, kx, beta = checkpoint(self.recurrence_inputs, fused, conv_input, b, position, conv,
+                                       use_reentrant=False)
         g = decay(fused, a, self.A_log, self.dt_bias)
         scale = self.head_k_dim**-0.5
         if context is not None:

@@ -11,10 +11,10 @@ split, the authors' LM form: Gated DeltaNet's write of v along k (strength sigmo
 Token-local, so under TP each rank holds the weights of its own heads and never communicates; the
 maps W_p and W_k are per head, full or of a low rank (AnchorMaps). A solver's gains, keys and
 strength logits come from one GEMM of the anchor per head (all heads in one batched GEMM,
-HeadwiseLinear), then one elementwise pass in which only the chain over l is sequential. The solver
-keeps only its inputs for the backward and recomputes the rest there (one more GEMM and
-elementwise pass): its intermediates are as large as d and kx together, while u and v are views of
-the convolution's output, which the layer keeps anyway.
+HeadwiseLinear), then one elementwise pass in which only the chain over l is sequential. The
+mixer runs the solver inside the checkpoint that also covers the short convolution
+(PrismMixer.recurrence_inputs), so none of its intermediates is kept for the backward: they are
+formed again there (one more GEMM and elementwise pass).
 """
 from __future__ import annotations
 
@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from megatron.core import ModelParallelConfig
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from prism_megatron.config import ModelConfig
 from prism_megatron.layers import Fusable, upcast
@@ -147,7 +146,7 @@ class AnchorMaps(nn.Module):
         d [B, T, H, L', V], kx [B, T, H, L'-1, K] or None, beta [B, T, H, L'], L' the write directions."""
         tokens = u.shape[:2]
         flat = [None if x is None else x.flatten(0, 1) for x in (u, v, base_logits)]
-        outputs = checkpoint(self.solve, *flat, fused, use_reentrant=False)
+        outputs = self.solve(*flat, fused)
         return tuple(None if x is None else x.unflatten(0, tokens) for x in outputs)
 
 

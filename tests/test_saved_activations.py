@@ -49,3 +49,10 @@ def test_the_command_prints_the_table():
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "one layer keeps" in result.stdout and "mixer" in result.stdout and "mlp" in result.stdout
+
+
+def test_a_bad_setting_is_one_line():
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks/saved_activations.py"), "--config", str(TINY),
+                             "--set", "model.solver=maybe"], capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "model.solver" in result.stderr
