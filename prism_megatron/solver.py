@@ -11,7 +11,9 @@ split, the authors' LM form: Gated DeltaNet's write of v along k (strength sigmo
 Token-local, so under TP each rank holds the weights of its own heads and never communicates; the
 maps W_p and W_k are per head, full or of a low rank (AnchorMaps). A solver's gains, keys and
 strength logits come from one GEMM of the anchor per head (all heads in one batched GEMM,
-HeadwiseLinear), then one elementwise pass in which only the chain over l is sequential. The
+HeadwiseLinear), then one elementwise pass in which only the chain over l is sequential: for prism
+a Triton kernel each way where the model's ops are fused, for split the PyTorch code through
+torch.compile. The
 mixer runs the solver inside the checkpoint that also covers the short convolution
 (PrismMixer.recurrence_inputs), so none of its intermediates is kept for the backward: they are
 formed again there (one more GEMM and elementwise pass).
@@ -24,6 +26,7 @@ from megatron.core import ModelParallelConfig
 from torch import nn
 
 from prism_megatron.config import ModelConfig
+from prism_megatron.kernels.solver.prism_steps import prism_steps
 from prism_megatron.layers import Fusable, upcast
 from prism_megatron.sharding import constant_init, normal_init, sharded_parameter
 
@@ -60,10 +63,9 @@ class HeadwiseLinear(torch.autograd.Function):
         return dx, torch.bmm(dy_heads.transpose(1, 2), x.transpose(0, 1))
 
 
-@Fusable
 def prism_outputs(projection: torch.Tensor, gain_bias: torch.Tensor, strength_bias: torch.Tensor,
                   v: torch.Tensor, u: torch.Tensor, key_dim: int, key_norm: bool):
-    """prism's elementwise part. projection [N, H, >= L*V + (L-1)*K + L]: per token and head the gains
+    """prism's elementwise part (fused: kernels/solver/prism_steps.py). projection [N, H, >= L*V + (L-1)*K + L]: per token and head the gains
     (before their bias), the extra keys and the strength logits; v, u [N, H, V] -> d [N, H, L, V],
     kx [N, H, L-1, K] or None, beta [N, H, L]."""
     _, L, V = gain_bias.shape
@@ -165,8 +167,9 @@ class PrismSolver(AnchorMaps):
         self.key_dim, self.key_norm = K, init.key_norm
 
     def solve(self, u: torch.Tensor, v: torch.Tensor, base_logits: None, fused: bool):
-        return prism_outputs(fused, self.project(u, self.maps), self.gain_bias, self.strength_bias, v, u,
-                             self.key_dim, self.key_norm)
+        outputs = prism_steps if fused else prism_outputs
+        return outputs(self.project(u, self.maps), self.gain_bias, self.strength_bias, v, u, self.key_dim,
+                       self.key_norm)
 
 
 class SplitSolver(AnchorMaps):

@@ -1,0 +1,1 @@
+"""The solvers' elementwise passes in Triton (reference: prism_megatron.solver)."""
