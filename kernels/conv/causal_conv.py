@@ -8,7 +8,7 @@ w [C, W], position [N] each token's index within its sequence, read in the kerne
 reaches into the previous document or row. Sums in float32 (float64 for float64 inputs); y in x's
 dtype. The backward recomputes the pre-activations instead of saving them (W reads per token that hit
 the cache), forms their gradient in a float32 buffer, then the taps' gradients from it, and writes the
-weight gradient as per-block partial sums that torch adds up (no atomics: deterministic). Reference: prism_megatron.layers.causal_depthwise_conv, then
+weight gradient as per-program partial sums that torch adds up (no atomics: deterministic). Reference: prism_megatron.layers.causal_depthwise_conv, then
 F.silu on the leading channels.
 """
 from __future__ import annotations
@@ -17,11 +17,14 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_TOKENS = 64
+# [16, 128] tiles over 4 warps: 16 elements a thread, and with their 64-bit pointers and masks no
+# kernel spills (at [64, 128] over 8 warps two of them did, at 255 registers a thread).
+BLOCK_TOKENS = 16
 BLOCK_CHANNELS = 128
-# 8 warps: a [64, 128] float32 tile is then 32 registers a thread, and no kernel here holds more than
-# four tiles at once.
-NUM_WARPS = 8
+NUM_WARPS = 4
+# The taps' kernel sums the weight gradient over this many token blocks before writing its partial
+# sum, which keeps the partial sums' buffer (programs x C x W floats) a sixteenth of the input's size.
+TAP_BLOCKS = 4
 
 
 @triton.jit
@@ -68,31 +71,37 @@ def _conv_bwd_pre(x, w, pos, dy, dpre, N, stride_x, C, silu_channels,
 
 
 @triton.jit
-def _conv_bwd_taps(x, w, pos, dpre, dx, dw_part, N, stride_x, C,
-                   W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr):
+def _conv_bwd_taps(x, w, pos, dpre, dx, dw_part, N, stride_x, C, W: tl.constexpr, BW: tl.constexpr,
+                   BT: tl.constexpr, BC: tl.constexpr, BLOCKS: tl.constexpr, ACC: tl.constexpr):
     """dx_t = sum_s w[W-1-s] dpre_{t+s} [pos_{t+s} >= s];  dw[W-1-s] = sum_t dpre_t x_{t-s} [pos_t >= s]
-    (this block's part of the sum over t)."""
-    i_t = tl.program_id(0)
-    t = i_t * BT + tl.arange(0, BT)
+    (this program's part of the sum over t: BLOCKS blocks of BT tokens)."""
     o_c = tl.program_id(1) * BC + tl.arange(0, BC)
     m_c = o_c < C
-    m_t = t < N
-    b_dx = tl.zeros([BT, BC], dtype=ACC)
-    for s in tl.static_range(W):
-        ts = t + s
-        p = tl.load(pos + ts, mask=ts < N, other=-1)
-        m = (p >= s)[:, None] & m_c[None, :]
-        b_dpre = tl.load(dpre + ts.to(tl.int64)[:, None] * C + o_c[None, :], mask=m, other=0.0)
-        b_w = tl.load(w + o_c * W + (W - 1 - s), mask=m_c, other=0.0).to(ACC)
-        b_dx += b_dpre * b_w[None, :]
-    tl.store(dx + t.to(tl.int64)[:, None] * C + o_c[None, :], b_dx.to(dx.dtype.element_ty),
-             mask=m_t[:, None] & m_c[None, :])
-    b_dpre = tl.load(dpre + t.to(tl.int64)[:, None] * C + o_c[None, :], mask=m_t[:, None] & m_c[None, :], other=0.0)
-    p_t = tl.load(pos + t, mask=m_t, other=-1)
-    for s in tl.static_range(W):
-        m = ((p_t >= s) & (t - s >= 0) & m_t)[:, None] & m_c[None, :]
-        b_x = tl.load(x + (t - s).to(tl.int64)[:, None] * stride_x + o_c[None, :], mask=m, other=0.0).to(ACC)
-        tl.store(dw_part + (i_t * C + o_c).to(tl.int64) * W + (W - 1 - s), tl.sum(b_dpre * b_x, axis=0), mask=m_c)
+    o_s = tl.arange(0, BW)
+    b_dw = tl.zeros([BW, BC], dtype=ACC)  # row s: tap W-1-s
+    for i in range(BLOCKS):
+        t = (tl.program_id(0) * BLOCKS + i) * BT + tl.arange(0, BT)
+        m_t = t < N
+        b_dx = tl.zeros([BT, BC], dtype=ACC)
+        for s in tl.static_range(W):
+            ts = t + s
+            p = tl.load(pos + ts, mask=ts < N, other=-1)
+            m = (p >= s)[:, None] & m_c[None, :]
+            b_dpre = tl.load(dpre + ts.to(tl.int64)[:, None] * C + o_c[None, :], mask=m, other=0.0)
+            b_w = tl.load(w + o_c * W + (W - 1 - s), mask=m_c, other=0.0).to(ACC)
+            b_dx += b_dpre * b_w[None, :]
+        tl.store(dx + t.to(tl.int64)[:, None] * C + o_c[None, :], b_dx.to(dx.dtype.element_ty),
+                 mask=m_t[:, None] & m_c[None, :])
+        b_dpre = tl.load(dpre + t.to(tl.int64)[:, None] * C + o_c[None, :], mask=m_t[:, None] & m_c[None, :],
+                         other=0.0)
+        p_t = tl.load(pos + t, mask=m_t, other=-1)
+        for s in tl.static_range(W):
+            m = ((p_t >= s) & (t - s >= 0) & m_t)[:, None] & m_c[None, :]
+            b_x = tl.load(x + (t - s).to(tl.int64)[:, None] * stride_x + o_c[None, :], mask=m, other=0.0).to(ACC)
+            b_dw += tl.where((o_s == s)[:, None], tl.sum(b_dpre * b_x, axis=0)[None, :], 0.0)
+    m_dw = (o_s < W)[:, None] & m_c[None, :]
+    tl.store(dw_part + (tl.program_id(0) * C + o_c[None, :]).to(tl.int64) * W + (W - 1 - o_s[:, None]), b_dw,
+             mask=m_dw)
 
 
 def _launch_args(x: torch.Tensor):
@@ -124,8 +133,10 @@ class CausalConvFunction(torch.autograd.Function):
         _conv_bwd_pre[grid](x, weight, position, dy.contiguous(), dpre, N, x.stride(0), C, ctx.silu_channels,
                             W=W, **meta)
         dx = torch.empty(N, C, dtype=x.dtype, device=x.device)
-        dw_part = torch.empty(grid[0], C, W, dtype=acc_dtype, device=x.device)
-        _conv_bwd_taps[grid](x, weight, position, dpre, dx, dw_part, N, x.stride(0), C, W=W, **meta)
+        taps_grid = (triton.cdiv(grid[0], TAP_BLOCKS), grid[1])
+        dw_part = torch.empty(taps_grid[0], C, W, dtype=acc_dtype, device=x.device)
+        _conv_bwd_taps[taps_grid](x, weight, position, dpre, dx, dw_part, N, x.stride(0), C, W=W,
+                                  BW=triton.next_power_of_2(W), BLOCKS=TAP_BLOCKS, **meta)
         return dx, dw_part.sum(0).to(weight.dtype), None, None
 
 
