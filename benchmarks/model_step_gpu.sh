@@ -6,6 +6,7 @@
 #
 #   bash benchmarks/model_step_gpu.sh OUT_DIR PART...
 #
+#   main     fla's GatedDeltaNetForCausalLM, PRISM L=3 and `solver: none`: the headline ratios
 #   profile  PRISM L=3, `solver: none` and fla's GatedDeltaNetForCausalLM in one run, with --profile
 #            (phases, top kernels, operators by shape, the optimizer step's host time)
 #   matrix   fla's model, then every model of model_step.py (L=3, L=1, none, L=3 with fused_ops off)
@@ -13,21 +14,25 @@
 #   2.7b     the 2.7B preset on one GPU (TP=1, no SP) with selective and with full recomputation
 #
 # On a fresh H200 fla's model compiles and autotunes for about 3 minutes; TRITON_CACHE_DIR (default:
-# .triton_cache in the checkout) keeps that for later calls on the same warm machine. `profile` takes
-# about 5 minutes there, `matrix` about 6 and `2.7b` 2: two device calls of 10 minutes, the second
-# made within the 30 s a machine stays warm.
+# .triton_cache in the checkout) keeps that for later calls on the same warm machine. Each call also
+# leaves OUT_DIR/autotune.tgz, the autotuners' choices in that cache; carried to a fresh machine of
+# the same image as runs/autotune.tgz, it spares the autotuning there. `profile` takes about 5
+# minutes on a fresh machine, `matrix` about 6 and `2.7b` 2.
 set -u
-usage="usage: bash benchmarks/model_step_gpu.sh OUT_DIR profile|matrix|2.7b ..."
+usage="usage: bash benchmarks/model_step_gpu.sh OUT_DIR main|profile|matrix|2.7b ..."
 out=${1:?$usage}
 shift
 [ $# -gt 0 ] || { echo "$usage" >&2; exit 2; }
 for part in "$@"; do
-    case "$part" in profile|matrix|2.7b) ;; *) echo "$usage" >&2; exit 2 ;; esac
+    case "$part" in main|profile|matrix|2.7b) ;; *) echo "$usage" >&2; exit 2 ;; esac
 done
 root=$(cd "$(dirname "$0")/.." && pwd)
 out=$(mkdir -p "$out" && cd "$out" && pwd)
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$root/.triton_cache} TRITON_CACHE_AUTOTUNING=1
+if [ -f "$root/runs/autotune.tgz" ]; then
+    mkdir -p "$TRITON_CACHE_DIR" && tar xzf "$root/runs/autotune.tgz" -C "$TRITON_CACHE_DIR" --skip-old-files || exit 1
+fi
 
 python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --target /tmp/prism_site "$root"/.whl/*.whl \
     || exit 1
@@ -49,6 +54,7 @@ step() {  # model_step.py with the common arguments
 status=0
 for part in "$@"; do
     case "$part" in
+    main) step --timeout 300 --variants fla-gdn prism-L3 solver-none ;;
     profile) step --profile --timeout 300 --variants prism-L3 solver-none fla-gdn ;;
     matrix) step --timeout 120 --variants fla-gdn prism-L3 prism-L3-selective prism-L3-full prism-L1 \
                 prism-L1-selective prism-L1-full solver-none solver-none-selective solver-none-full \
@@ -58,4 +64,5 @@ for part in "$@"; do
     esac > "$out/$part.log" 2>&1 || status=1
     grep "tokens/s\|FAILED" "$out/$part.log"
 done
+(cd "$TRITON_CACHE_DIR" && find . -name '*.autotune.json' -print0 | tar czf "$out/autotune.tgz" --null -T -)
 exit "$status"
