@@ -9,8 +9,8 @@
 #   main     fla's GatedDeltaNetForCausalLM, PRISM L=3 and `solver: none`: the headline ratios
 #   profile  PRISM L=3, `solver: none` and fla's GatedDeltaNetForCausalLM in one run, with --profile
 #            (phases, top kernels, operators by shape, the optimizer step's host time)
-#   matrix   fla's model, then every model of model_step.py (L=3, L=1, none, L=3 with fused_ops off)
-#            in each recompute mode, one run
+#   matrix   fla's model, then L=3, L=1 and none in each recompute mode, then L=3 with fused_ops off
+#            (last: a call cut short at the device's time limit loses the least), one run
 #   2.7b     the 2.7B preset on one GPU (TP=1, no SP) with selective and with full recomputation
 #
 # On a fresh H200 fla's model compiles and autotunes for about 3 minutes; TRITON_CACHE_DIR (default:

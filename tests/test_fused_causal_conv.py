@@ -34,7 +34,7 @@ def _inputs(B, T, C, W, cu_seqlens, dtype, device, strided):
 
 CASES = [  # B, T, C, W, cu_seqlens over the B*T tokens, strided, SiLU channels
     (2, 9, 5, 4, None, True, 2),
-    (1, 70, 130, 4, torch.tensor([0, 1, 3, 40, 70]), True, 129),  # two blocks of tokens and of channels
+    (1, 70, 130, 4, torch.tensor([0, 1, 3, 40, 70]), True, 129),  # several blocks of tokens and of channels
     (2, 3, 6, 4, None, False, 6),  # shorter than the window
     (1, 20, 7, 2, torch.tensor([0, 11, 20]), False, 0),
 ]

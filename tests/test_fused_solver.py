@@ -30,11 +30,14 @@ def _inputs(N, H, L, V, K, pad, dtype, device):
     return projection, draw(H, L, V), draw(H, L), v, u
 
 
-def _run(fn, inputs, K, key_norm):
+def _run(fn, inputs, K, key_norm, cotangent_dtype=torch.float64):
+    """fn's outputs and every input's gradient for a loss whose gradients with respect to the outputs
+    (the cotangents) are drawn in cotangent_dtype: the bf16 kernel and the float64 reference it is
+    checked against then get the same ones, and differ only by what they compute."""
     inputs = [x.detach().clone().requires_grad_() for x in inputs]
     outputs = fn(*inputs, K, key_norm)
     gen = torch.Generator().manual_seed(7)
-    loss = sum((y.double() * torch.randn(y.shape, generator=gen, dtype=torch.float64).to(y.device)).sum()
+    loss = sum((y.double() * torch.randn(y.shape, generator=gen).to(cotangent_dtype).double().to(y.device)).sum()
                for y in outputs if y is not None)
     loss.backward()
     return [y for y in outputs if y is not None] + [x.grad for x in inputs]
@@ -59,10 +62,11 @@ def test_matches_reference_bfloat16_gpu(N, H, L, V, K, pad, key_norm):
     """bf16 on the GPU: within bf16 rounding of the float64 reference (the kernel computes in float32,
     the PyTorch code rounds after every step)."""
     inputs = _inputs(N, H, L, V, K, pad, torch.bfloat16, "cuda")
-    exact = _run(prism_outputs, [x.double().cpu() for x in inputs], K, key_norm)
-    got = _run(prism_steps, inputs, K, key_norm)
+    exact = _run(prism_outputs, [x.double().cpu() for x in inputs], K, key_norm, torch.bfloat16)
+    got = _run(prism_steps, inputs, K, key_norm, torch.bfloat16)
     names = [n for n in NAMES if n != "kx" or L > 1]
     for name, a, b in zip(names, got, exact):
-        # The biases' gradients are sums over all tokens: their error grows with the sum's size.
-        scale = b.abs().max().item() if name.startswith("dgain") or name.startswith("dstrength") else 1.0
-        torch.testing.assert_close(a.double().cpu(), b, atol=2e-2 * scale, rtol=2e-2, msg=name)
+        # Each output is rounded once to bf16 (a relative error up to 2^-9); the biases' gradients are
+        # sums over all tokens of such rounded terms, so their error scales with the sum's size.
+        scale = b.abs().max().item() if name in ("dgain_bias", "dstrength_bias") else 1.0
+        torch.testing.assert_close(a.double().cpu(), b, atol=1e-2 * scale, rtol=1e-2, msg=name)

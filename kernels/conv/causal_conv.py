@@ -17,11 +17,11 @@ import torch
 import triton
 import triton.language as tl
 
-# [16, 128] tiles over 4 warps: 16 elements a thread, and with their 64-bit pointers and masks no
-# kernel spills (at [64, 128] over 8 warps two of them did, at 255 registers a thread).
-BLOCK_TOKENS = 16
-BLOCK_CHANNELS = 128
-NUM_WARPS = 4
+# Tiles (tokens, channels) and warps of the forward and of the two backward kernels, the fastest of
+# those timed on an H200 at the 1.3B layer's shape (docs/PERFORMANCE.md). None spills; at [64, 128]
+# over 8 warps both backward kernels did, at 255 registers a thread.
+FORWARD = dict(BT=32, BC=64, num_warps=4)
+BACKWARD = dict(BT=16, BC=64, num_warps=2)
 # The taps' kernel sums the weight gradient over this many token blocks before writing its partial
 # sum, which keeps the partial sums' buffer (programs x C x W floats) a sixteenth of the input's size.
 TAP_BLOCKS = 4
@@ -104,17 +104,17 @@ def _conv_bwd_taps(x, w, pos, dpre, dx, dw_part, N, stride_x, C, W: tl.constexpr
              mask=m_dw)
 
 
-def _launch_args(x: torch.Tensor):
+def _launch_args(x: torch.Tensor, config: dict):
     N, C = x.shape
-    grid = (triton.cdiv(N, BLOCK_TOKENS), triton.cdiv(C, BLOCK_CHANNELS))
+    grid = (triton.cdiv(N, config["BT"]), triton.cdiv(C, config["BC"]))
     acc = tl.float64 if x.dtype == torch.float64 else tl.float32
-    return N, C, grid, dict(BT=BLOCK_TOKENS, BC=BLOCK_CHANNELS, ACC=acc, num_warps=NUM_WARPS)
+    return N, C, grid, dict(config, ACC=acc)
 
 
 class CausalConvFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, position, silu_channels):
-        N, C, grid, meta = _launch_args(x)
+        N, C, grid, meta = _launch_args(x, FORWARD)
         y = x.new_empty(N, C)
         _conv_fwd[grid](x, weight, position, y, N, x.stride(0), C, silu_channels, W=weight.shape[1], **meta)
         ctx.save_for_backward(x, weight, position)
@@ -124,7 +124,7 @@ class CausalConvFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, position = ctx.saved_tensors
-        N, C, grid, meta = _launch_args(x)
+        N, C, grid, meta = _launch_args(x, BACKWARD)
         W = weight.shape[1]
         acc_dtype = torch.promote_types(x.dtype, torch.float32)
         # Two passes: the pre-activations' gradient, then the taps. One kernel doing both recomputed
