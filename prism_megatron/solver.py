@@ -65,9 +65,9 @@ class HeadwiseLinear(torch.autograd.Function):
 
 def prism_outputs(projection: torch.Tensor, gain_bias: torch.Tensor, strength_bias: torch.Tensor,
                   v: torch.Tensor, u: torch.Tensor, key_dim: int, key_norm: bool):
-    """prism's elementwise part (fused: kernels/solver/prism_steps.py). projection [N, H, >= L*V + (L-1)*K + L]: per token and head the gains
-    (before their bias), the extra keys and the strength logits; v, u [N, H, V] -> d [N, H, L, V],
-    kx [N, H, L-1, K] or None, beta [N, H, L]."""
+    """prism's elementwise part (fused: kernels/solver/prism_steps.py). projection
+    [N, H, >= L*V + (L-1)*K + L]: per token and head the gains (before their bias), the extra keys and
+    the strength logits; v, u [N, H, V] -> d [N, H, L, V], kx [N, H, L-1, K] or None, beta [N, H, L]."""
     _, L, V = gain_bias.shape
     keys = (L - 1) * key_dim
     gain = projection[..., : L * V].unflatten(-1, (L, V)) + gain_bias
