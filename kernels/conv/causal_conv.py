@@ -23,7 +23,7 @@ import triton.language as tl
 FORWARD = dict(BT=32, BC=64, num_warps=4)
 BACKWARD = dict(BT=16, BC=64, num_warps=2)
 # The taps' kernel sums the weight gradient over this many token blocks before writing its partial
-# sum, which keeps the partial sums' buffer (programs x C x W floats) a sixteenth of the input's size.
+# sum, which keeps the partial sums' buffer (programs x C x W floats) an eighth of a bf16 input's bytes.
 TAP_BLOCKS = 4
 
 
