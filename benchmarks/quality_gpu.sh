@@ -4,14 +4,17 @@
 # code corpus from runs/code-corpus/carry and checks it against the store made where carry/ was
 # (benchmarks/code_corpus.py), unpacks the metrics of runs finished in earlier calls
 # (runs/quality-metrics.tgz, if carried; a warm machine keeps its own, newer files), then runs
-# benchmarks/quality.py on PLAN with --out runs/quality.
+# benchmarks/quality.py on PLAN with --out runs/quality. The compiled kernels (Triton's and Inductor's
+# caches) of an earlier call come in as runs/compile-cache.tgz, if carried, and go out as
+# OUT_DIR/compile-cache.tgz: on a fresh machine of the same image they spare each run's first minute.
 #
 #   bash benchmarks/quality_gpu.sh OUT_DIR PLAN [quality.py arguments, e.g. --parallel 4 --time-limit 460]
 #
-# Carry .whl, runs/code-corpus/carry and, after the first call, runs/quality-metrics.tgz. OUT_DIR gets
+# Carry .whl, runs/code-corpus/carry and, after the first call, runs/quality-metrics.tgz and
+# runs/compile-cache.tgz. OUT_DIR gets
 # corpus.log, quality.log (the harness's output), the plan's quality.md, quality.json and quality.png,
-# and quality-metrics.tgz (every run's run.json and metrics.jsonl): put that at
-# runs/quality-metrics.tgz for the next call, which then skips the runs that finished. Runs cut short
+# quality-metrics.tgz (every run's run.json and metrics.jsonl) and compile-cache.tgz: put those in
+# runs/ for the next call, which then skips the runs that finished. Runs cut short
 # by --time-limit resume from their checkpoints only on the same (warm) machine.
 set -u
 usage="usage: bash benchmarks/quality_gpu.sh OUT_DIR PLAN [quality.py arguments]"
@@ -21,7 +24,11 @@ shift 2
 root=$(cd "$(dirname "$0")/.." && pwd)
 out=$(mkdir -p "$out" && cd "$out" && pwd)
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
-export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$root/.triton_cache}
+export TRITON_CACHE_DIR=$root/.compile_cache/triton TORCHINDUCTOR_CACHE_DIR=$root/.compile_cache/inductor
+if [ -f "$root/runs/compile-cache.tgz" ]; then
+    mkdir -p "$root/.compile_cache" && tar xzf "$root/runs/compile-cache.tgz" -C "$root/.compile_cache" --skip-old-files \
+        || exit 1
+fi
 
 python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --target /tmp/prism_site "$root"/.whl/*.whl \
     || exit 1
@@ -41,4 +48,6 @@ status=${PIPESTATUS[0]}
 cp runs/quality/"$(basename "$plan" .yaml)"/quality.{md,json,png} "$out"/
 find runs/quality/runs \( -name run.json -o -name metrics.jsonl \) -print0 2>/dev/null \
     | tar czf "$out/quality-metrics.tgz" --null -T -
+tar czf "$out/compile-cache.tgz" -C "$root/.compile_cache" . 2>/dev/null
+du -h "$out/compile-cache.tgz"
 exit "$status"
