@@ -8,7 +8,7 @@
 # caches) of an earlier call come in as runs/compile-cache.tgz, if carried, and go out as
 # OUT_DIR/compile-cache.tgz: on a fresh machine of the same image they spare each run's first minute.
 #
-#   bash benchmarks/quality_gpu.sh OUT_DIR PLAN [quality.py arguments, e.g. --parallel 4 --time-limit 460]
+#   bash benchmarks/quality_gpu.sh OUT_DIR PLAN [quality.py arguments, e.g. --parallel 2 --time-limit 520]
 #
 # Carry .whl, runs/code-corpus/carry and, after the first call, runs/quality-metrics.tgz and
 # runs/compile-cache.tgz. OUT_DIR gets
