@@ -36,10 +36,12 @@ def test_stores_that_do_not_fit_the_model_are_refused_before_start_up(tmp_path, 
     refused(prism_train(config, tmp_path, f"data.stores=[{tmp_path / 'nowhere'}]"), "nowhere")
     refused(prism_train(config, tmp_path, "model.vocab_size=256"),
             os.path.join(store, "manifest.json"), "model.vocab_size=256")
-    # Every rank says it in one line (torchrun then adds its own report of the failed ranks).
+    # Under torchrun each rank that gets as far as the check says it in one line; torchrun stops the
+    # other rank as soon as one fails, so it may not get that far (then torchrun adds its own report).
     ranks = prism_train(config, tmp_path, "model.vocab_size=256", nproc=2)
     errors = [line for line in ranks.stderr.splitlines() if line.startswith("prism-train: error:")]
-    assert ranks.returncode == 1 and len(errors) == 2 and "model.vocab_size=256" in errors[1]
+    assert ranks.returncode == 1 and len(errors) in (1, 2), ranks.stderr[-3000:]
+    assert all("model.vocab_size=256" in line for line in errors)
     other = tmp_path / "other"
     shutil.copytree(store, other)
     manifest = json.loads((other / "manifest.json").read_text())
