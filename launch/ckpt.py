@@ -10,7 +10,6 @@ export take its newest intact checkpoint). No process group and no GPU are neede
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -18,19 +17,22 @@ import time
 import warnings
 from pathlib import Path
 
-from prism_megatron.launch import checkpoint
+from prism_megatron.launch.checkpoint.export import export
+from prism_megatron.launch.checkpoint.format import (LAYOUT_FREE, CheckpointError, is_committed, newest, read_layout,
+                                                     read_model_config, read_step, step_folders, verify)
+from prism_megatron.launch.checkpoint.layout_free import convert, layout_free_intact
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="prism-ckpt", description=(__doc__ or "").split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    inspect = commands.add_parser("inspect", help="step, layout, config, sizes and integrity")
-    inspect.add_argument("dir", type=Path)
-    convert = commands.add_parser("convert", help="write the layout-free form next to the checkpoint")
-    convert.add_argument("dir", type=Path)
-    export = commands.add_parser("export", help="consolidated safetensors plus the model config")
-    export.add_argument("dir", type=Path)
-    export.add_argument("out", type=Path)
+    inspect_command = commands.add_parser("inspect", help="step, layout, config, sizes and integrity")
+    inspect_command.add_argument("dir", type=Path)
+    convert_command = commands.add_parser("convert", help="write the layout-free form next to the checkpoint")
+    convert_command.add_argument("dir", type=Path)
+    export_command = commands.add_parser("export", help="consolidated safetensors plus the model config")
+    export_command.add_argument("dir", type=Path)
+    export_command.add_argument("out", type=Path)
     args = parser.parse_args(argv)
     # DeepSpeed is imported only for the names of its checkpoint records: no accelerator is used.
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -42,48 +44,44 @@ def main(argv: list[str] | None = None) -> None:
         path = _one_checkpoint(args.dir)
         started = time.perf_counter()
         if args.command == "convert":
-            folder = checkpoint.convert(path)
+            folder = convert(path)
             print(f"wrote {folder} in {time.perf_counter() - started:.1f} s")
         else:
-            checkpoint.export(path, args.out)
+            export(path, args.out)
             print(f"exported {path} to {args.out} in {time.perf_counter() - started:.1f} s "
                   f"(load it with prism_megatron.launch.checkpoint.load_exported)")
-    except checkpoint.CheckpointError as e:
+    except CheckpointError as e:
         sys.exit(f"prism-ckpt: error: {e}")
 
 
 def _one_checkpoint(folder: Path) -> Path:
-    if (folder / checkpoint.COMPLETE).is_file():
-        checkpoint.verify(folder)
+    if is_committed(folder):
+        verify(folder)
         return folder
-    path = checkpoint.newest(folder)
+    path = newest(folder)
     if path is None:
-        raise checkpoint.CheckpointError(f"{folder} holds no checkpoint")
+        raise CheckpointError(f"{folder} holds no checkpoint")
     return path
 
 
 def inspect_checkpoints(folder: Path) -> bool:
     """Print what each checkpoint under `folder` holds; True if every one is intact."""
     if not folder.is_dir():
-        raise checkpoint.CheckpointError(f"{folder} is not a folder")
-    paths = checkpoint.step_folders(folder) or [folder]  # a run's checkpoint.dir, or one checkpoint
+        raise CheckpointError(f"{folder} is not a folder")
+    paths = step_folders(folder) or [folder]  # a run's checkpoint.dir, or one checkpoint
     intact = True
     for path in paths:
         files = [f for f in path.rglob("*") if f.is_file()]
         print(f"{path}: {sum(f.stat().st_size for f in files) / 2**20:,.1f} MiB in {len(files)} files")
         try:
-            if not (path / checkpoint.COMPLETE).is_file():
-                raise checkpoint.CheckpointError(f"no {checkpoint.COMPLETE} marker (a save that did not finish)")
-            checkpoint.verify(path)
-            record = json.loads((path / checkpoint.COMPLETE).read_text())
-            print(f"  intact: every file matches its recorded size and sha256 | step {record['step']}")
-            print(f"  layout: {checkpoint.read_layout(path)}")
-            model = json.loads((path / checkpoint.RUN_CONFIG).read_text())["model"]
-            print("  model: " + ", ".join(f"{k}={v}" for k, v in model.items()))
-            free = path / checkpoint.LAYOUT_FREE
-            print(f"  layout-free form: {'intact' if checkpoint.layout_free_intact(path) else 'absent'}"
+            verify(path)
+            print(f"  intact: every file matches its recorded size and sha256 | step {read_step(path)}")
+            print(f"  layout: {read_layout(path)}")
+            print("  model: " + ", ".join(f"{k}={v}" for k, v in read_model_config(path).items()))
+            free = path / LAYOUT_FREE
+            print(f"  layout-free form: {'intact' if layout_free_intact(path) else 'absent'}"
                   + (f" ({free})" if free.exists() else ""))
-        except (checkpoint.CheckpointError, OSError, ValueError, KeyError) as e:
+        except (CheckpointError, OSError) as e:
             intact = False
             print(f"  DAMAGED: {e}")
     return intact

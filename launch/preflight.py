@@ -8,15 +8,12 @@ Each failure is a ConfigError (or CheckpointError) naming the key or the file.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Iterable
 
-from prism_megatron.launch.checkpoint import COMPLETE, CheckpointError
+from prism_megatron.launch.checkpoint.format import read_run_config, read_step, run_config_file
 from prism_megatron.launch.config import ConfigError, RunConfig, to_dict
-
-RUN_CONFIG_FILE = "run_config.json"
 
 # May a resumed run change this key on its own (True: it passes, with a line naming it) or only
 # when the user names it with --allow-change (False: refused, the differences listed)? The longest
@@ -82,14 +79,7 @@ def check_resume(cfg: RunConfig, checkpoint: Path, allow_change: Iterable[str]) 
     unknown = sorted(allowed - set(new))
     if unknown:
         raise ConfigError(f"--allow-change {unknown[0]}: unknown key (keys look like data.stores, optim.lr)")
-    path = checkpoint / RUN_CONFIG_FILE
-    try:
-        recorded = json.loads(path.read_text())
-        step = json.loads((checkpoint / COMPLETE).read_text())["step"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"checkpoint {checkpoint}: cannot read its run record ({e})") from None
-    if not isinstance(recorded, dict):
-        raise CheckpointError(f"{path}: not a JSON object of config sections")
+    recorded, step = read_run_config(checkpoint), read_step(checkpoint)
     old = _flatten(recorded)
     # A key the checkpoint does not record did not exist when it was written: that run had the default.
     default = _flatten(to_dict(RunConfig()))
@@ -102,8 +92,8 @@ def check_resume(cfg: RunConfig, checkpoint: Path, allow_change: Iterable[str]) 
     refused = [key for key in changed if not _may_change(key) and key not in allowed]
     if refused:
         raise ConfigError(
-            f"{path}: this run differs from the checkpoint's where the continuation would be another "
-            f"run: {listed(refused)}; pass --allow-change KEY for each change you mean")
+            f"{run_config_file(checkpoint)}: this run differs from the checkpoint's where the continuation "
+            f"would be another run: {listed(refused)}; pass --allow-change KEY for each change you mean")
     if cfg.training.train_steps < step:
         raise ConfigError(f"training.train_steps={cfg.training.train_steps} is before the step of "
                           f"checkpoint {checkpoint} ({step})")

@@ -16,6 +16,9 @@ import pytest
 import torch
 
 from prism_megatron.launch import checkpoint
+from prism_megatron.launch.checkpoint.format import (COMPLETE, LAYOUT, LAYOUT_FREE, RUN_CONFIG, file_record, tag_for,
+                                                     verify, write_complete)
+from prism_megatron.launch.checkpoint.safe_load import safe_load
 from test_tensor_parallel import run_distributed
 from test_train import BIN, prism_train, store, write_config  # noqa: F401 (store: a fixture)
 
@@ -27,8 +30,8 @@ def prism_ckpt(*args):
 
 def recommit(step_dir: Path) -> None:
     """Record the files as they are now, as an attacker with write access to the folder could."""
-    files = {f.name: checkpoint._file_record(f) for f in step_dir.iterdir() if f.is_file() and f.name != checkpoint.COMPLETE}
-    checkpoint._commit(step_dir, {"step": int(step_dir.name[5:]), "files": files})
+    files = {f.name: file_record(f) for f in step_dir.iterdir() if f.is_file() and f.name != COMPLETE}
+    write_complete(step_dir, int(step_dir.name[5:]), files)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +47,7 @@ def test_damaged_checkpoints_are_skipped_by_name(tmp_path, run):
     folder, _ = run
     ckpts = tmp_path / "ckpt"
     for step in (2, 4, 6):
-        name = checkpoint.tag_for(step)
+        name = tag_for(step)
         (ckpts / name).mkdir(parents=True)
         for f in (folder / "ckpt" / name).iterdir():
             (ckpts / name / f.name).write_bytes(f.read_bytes())
@@ -70,7 +73,7 @@ def test_damaged_checkpoints_are_skipped_by_name(tmp_path, run):
         assert str(victim) in skipped(caplog) and "sha256" in caplog.text
         victim.unlink()
         assert str(victim) in skipped(caplog) and "missing" in caplog.text
-        (newest / checkpoint.COMPLETE).unlink()
+        (newest / COMPLETE).unlink()
         assert str(newest) in skipped(caplog) and "did not finish" in caplog.text
     finally:
         logging.getLogger(checkpoint.__name__).removeHandler(caplog)
@@ -78,10 +81,10 @@ def test_damaged_checkpoints_are_skipped_by_name(tmp_path, run):
     # None intact: a clear error naming every file that is wrong.
     older = next((ckpts / "step_00000004").glob("*optim_states.pt"))
     older.write_bytes(b"")
-    (ckpts / "step_00000002" / checkpoint.LAYOUT).unlink()
+    (ckpts / "step_00000002" / LAYOUT).unlink()
     with pytest.raises(checkpoint.CheckpointError, match="no intact checkpoint") as error:
         checkpoint.newest(ckpts)
-    assert str(older) in str(error.value) and str(ckpts / "step_00000002" / checkpoint.LAYOUT) in str(error.value)
+    assert str(older) in str(error.value) and str(ckpts / "step_00000002" / LAYOUT) in str(error.value)
 
 
 class _Capture(__import__("logging").Handler):
@@ -105,7 +108,7 @@ def test_resume_skips_a_corrupt_newest_checkpoint(tmp_path, run, store):
     resumed = tmp_path / "resumed"
     config = write_config(resumed, store, checkpoint={"save_interval": 2})
     for step in (4, 6):
-        name = checkpoint.tag_for(step)
+        name = tag_for(step)
         (resumed / "ckpt" / name).mkdir(parents=True)
         for f in (folder / "ckpt" / name).iterdir():
             (resumed / "ckpt" / name / f.name).write_bytes(f.read_bytes())
@@ -147,13 +150,13 @@ def test_kill_during_saves_never_leaves_a_half_written_checkpoint(tmp_path, stor
         proc.send_signal(signal.SIGKILL)
         out = proc.communicate()[0]
         assert proc.returncode == -signal.SIGKILL, out[-2000:]
-        mid_save += any(not (p / checkpoint.COMPLETE).is_file() for p in ckpts.glob("step_*"))
+        mid_save += any(not (p / COMPLETE).is_file() for p in ckpts.glob("step_*"))
         if trial:
             assert "resumed from" in out, out[-2000:]
         found = checkpoint.committed(ckpts)
         assert found, f"trial {trial}: no committed checkpoint left"
         for path in found:
-            checkpoint.verify(path)  # every committed checkpoint is whole
+            verify(path)  # every committed checkpoint is whole
         assert checkpoint.newest(ckpts) == found[-1]
         assert len(found) <= 3  # keep_last 2, plus one if the kill fell between a commit and its pruning
     assert mid_save > 0, "no kill landed inside a save"
@@ -212,9 +215,9 @@ def _logits(parallel_size: int, step_dir: str, export_dir: str, out: str) -> Non
     results["exported"] = exported.gather_logits(exported(tokens))
     if step_dir:
         # The trained TP=2 model itself: its shard as DeepSpeed saved it.
-        model_cfg = json.loads((Path(step_dir) / checkpoint.RUN_CONFIG).read_text())["model"]
+        model_cfg = json.loads((Path(step_dir) / RUN_CONFIG).read_text())["model"]
         model = PrismLM(ModelConfig(**model_cfg), parallel)
-        module = checkpoint.safe_load(Path(step_dir) / f"mp_rank_{tp_rank():02d}_model_states.pt")["module"]
+        module = safe_load(Path(step_dir) / f"mp_rank_{tp_rank():02d}_model_states.pt")["module"]
         missing, _ = model.load_state_dict(module, strict=False)
         assert not [k for k in missing if not k.endswith("_extra_state")], missing
         results["trained"] = model.gather_logits(model(tokens))
@@ -238,7 +241,7 @@ def test_prism_ckpt_inspect_convert_export(tmp_path, store):
 
     result = prism_ckpt("convert", folder / "ckpt")
     assert result.returncode == 0, result.stderr
-    assert (step / checkpoint.LAYOUT_FREE / checkpoint.COMPLETE).is_file()
+    assert (step / LAYOUT_FREE / COMPLETE).is_file()
     assert "layout-free form: intact" in prism_ckpt("inspect", step).stdout
 
     out = tmp_path / "exported"

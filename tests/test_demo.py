@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from prism_megatron.launch.checkpoint import COMPLETE
+from prism_megatron.launch.checkpoint.format import COMPLETE
 
 DEMO = str(Path(sys.executable).with_name("prism-demo"))
 

@@ -11,7 +11,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from prism_megatron.launch import checkpoint
+from prism_megatron.launch.checkpoint.deepspeed_files import OPTIMIZER_TENSORS
+from prism_megatron.launch.checkpoint.format import LAYOUT, LAYOUT_FREE, TENSORS
+from prism_megatron.launch.checkpoint.safe_load import safe_load
 from prism_megatron.sharding import ShardSpec
 from test_train import STEPS, losses, prism_train, store, write_config  # noqa: F401 (store: a fixture)
 
@@ -35,7 +37,7 @@ def optimizer_partitions(step_dir: Path, mp: int, dp_size: int, kind: str) -> li
     Its bf16 ZeRO-1 optimizer (files bf16_zero_pp_rank_*) saves the fp32 weights with the group's
     end padding, ZeRO's optimizer without; both save Adam's moments with it."""
     bf16 = (step_dir / f"bf16_zero_pp_rank_0_mp_rank_{mp:02d}_optim_states.pt").is_file()
-    shards = [checkpoint.safe_load(step_dir / f"{'bf16_' * bf16}zero_pp_rank_{dp}_mp_rank_{mp:02d}_optim_states.pt")
+    shards = [safe_load(step_dir / f"{'bf16_' * bf16}zero_pp_rank_{dp}_mp_rank_{mp:02d}_optim_states.pt")
               ["optimizer_state_dict"] for dp in range(dp_size)]
     groups = []
     for g in range(len(shards[0]["group_paddings"])):
@@ -52,18 +54,18 @@ def optimizer_partitions(step_dir: Path, mp: int, dp_size: int, kind: str) -> li
 def check_layout_free_equals_saved(step_dir: Path, tp: int, dp: int) -> None:
     """Every element of the layout-free fp32 master, exp_avg and exp_avg_sq, split again for each
     TP rank and laid out in DeepSpeed's parameter order, equals the saved ZeRO partitions."""
-    tensors = load_file(str(step_dir / checkpoint.LAYOUT_FREE / checkpoint.TENSORS))
+    tensors = load_file(str(step_dir / LAYOUT_FREE / TENSORS))
     specs = {n: ShardSpec(s["partition_dim"], tuple(s["segments"]) if s["segments"] else None, s["vocab_size"])
-             for n, s in json.loads((step_dir / checkpoint.LAYOUT).read_text())["params"].items()}
+             for n, s in json.loads((step_dir / LAYOUT).read_text())["params"].items()}
     for mp in range(tp):
-        model_states = checkpoint.safe_load(step_dir / f"mp_rank_{mp:02d}_model_states.pt")
+        model_states = safe_load(step_dir / f"mp_rank_{mp:02d}_model_states.pt")
         for name, weight in model_states["module"].items():
             if name in specs:
                 assert torch.equal(specs[name].shard(tensors[f"weight/{name}"], mp, tp), weight), name
                 master = specs[name].shard(tensors[f"fp32/{name}"], mp, tp)
                 # In an fp32 run the master weights are the module's, bit for bit; in bf16 they round to them.
                 assert torch.equal(master.to(weight.dtype), weight), name
-        for kind in checkpoint.OPTIMIZER_TENSORS:
+        for kind in OPTIMIZER_TENSORS:
             for g, saved in enumerate(optimizer_partitions(step_dir, mp, dp, kind)):
                 names = list(model_states["param_shapes"][g])
                 mine = torch.cat([specs[n].shard(tensors[f"{kind}/{n}"], mp, tp).flatten() for n in names])

@@ -15,7 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from prism_megatron.data_prep.tokenize import tokenize_corpus
 from prism_megatron.data_prep.tokenizer import train_tokenizer
 from prism_megatron.flops import PEAK_FLOPS_ENV, step_flops
-from prism_megatron.launch.checkpoint import COMPLETE
+from prism_megatron.launch.checkpoint.format import COMPLETE
 from prism_megatron.launch.config import load_config
 from prism_megatron.launch.train import lr_at, read_metrics
 
