@@ -16,9 +16,9 @@ from torch.utils.checkpoint import checkpoint
 from prism_megatron.config import ModelConfig, ParallelConfig
 from prism_megatron.context_parallel import ContextSlice
 from prism_megatron.kernels.fused.linear_cross_entropy import linear_cross_entropy
+from prism_megatron.kernels.prism import PackedSequences
 from prism_megatron.layers import ColumnParallelLinear, RMSNorm, SwiGLUMLP, megatron_config, no_megatron_init
 from prism_megatron.mixer import PrismMixer
-from prism_megatron.ops import PackedSequences
 from prism_megatron.process_groups import cp_size, tp_group, tp_rank, tp_size
 from prism_megatron.sequence_parallel import scatter_sequence
 from prism_megatron.sharding import (
