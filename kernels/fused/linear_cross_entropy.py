@@ -1,18 +1,18 @@
 """The LM head's GEMM and the vocab-parallel cross-entropy in one autograd function, over chunks of
 tokens, so that neither the logits nor their float32 copy exist for the whole batch.
 
-    losses = linear_cross_entropy(x, weight, labels, vocab_size, tp_group, tp_rank, tp_size)   # [N] float32
+    losses = linear_cross_entropy(x, weight, labels, vocab_size, tp_group, tp_rank, tp_size)  # [N] float32
 
 x [N, D] is the final hidden state (gathered over TP as the LM head's input is), weight [V/TP, D]
 this rank's rows of the (padded) vocabulary, labels [N] global token ids; tp_group, tp_rank and
-tp_size the tensor-parallel group the vocabulary is split over (None, 0, 1: not split). Per chunk the logits are
-one GEMM in x's dtype, then float32 (float64 stays float64): padded vocabulary rows masked to -inf, the max, the sum of
-exponentials and the label's logit each summed over TP (three all-reduces of [chunk] values, as
-megatron-core's vocab_parallel_cross_entropy does for the whole batch). The forward keeps only the
-per-token log-sum-exp; the backward recomputes each chunk's logits, forms softmax - onehot in
-float32 and takes the two GEMMs in x's dtype, as autograd through `lm_head(x).float()` does. The
-reference is exactly that: prism_megatron.model's logits path followed by megatron-core's
-vocab_parallel_cross_entropy.
+tp_size the tensor-parallel group the vocabulary is split over and this rank's place in it (None, 0,
+1: not split). Per chunk the logits are one GEMM in x's dtype, then float32 (float64 stays float64):
+padded vocabulary rows masked to -inf, the max, the sum of exponentials and the label's logit each
+summed over TP (three all-reduces of [chunk] values, as megatron-core's vocab_parallel_cross_entropy
+does for the whole batch). The forward keeps only the per-token log-sum-exp; the backward recomputes
+each chunk's logits, forms softmax - onehot in float32 and takes the two GEMMs in x's dtype, as
+autograd through `lm_head(x).float()` does. The reference is exactly that: prism_megatron.model's
+logits path followed by megatron-core's vocab_parallel_cross_entropy.
 """
 from __future__ import annotations
 
