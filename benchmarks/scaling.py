@@ -152,7 +152,7 @@ def compute_dtype(cfg) -> torch.dtype:
 def kernel_step(cfg, device: torch.device):
     from prism_megatron.context_parallel import ContextSlice, context_parallel_recurrence
     from prism_megatron.model import token_positions
-    from prism_megatron.ops import prism_recurrence
+    from prism_megatron.kernels.prism import prism_recurrence
     from prism_megatron.process_groups import cp_size, tp_size
 
     m, dtype = cfg.model, compute_dtype(cfg)  # the config's validation saw the heads divide by TP

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from prism_megatron.kernels.prism import prism_recurrence
 from prism_megatron.layers import causal_depthwise_conv
-from prism_megatron.ops import prism_recurrence
 from prism_megatron.process_groups import cp_group, cp_rank, cp_size
 
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from megatron.core import ModelParallelConfig, tensor_parallel
 from torch import nn
 
+from prism_megatron.kernels.fused.fusable import Fusable, upcast
 from prism_megatron.process_groups import tp_size
 from prism_megatron.sequence_parallel import gather_sequence, reduce_scatter_sequence
 from prism_megatron.sharding import (
@@ -119,38 +120,12 @@ class RowParallelLinear(tensor_parallel.RowParallelLinear):
 # Norms, MLP, convolution
 
 
-def upcast(x: torch.Tensor) -> torch.Tensor:
-    """At least float32 (float64 stays float64, for the float64 reference tests)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
 def use_fused(mode: str, x: torch.Tensor) -> bool:
     """model.fused_ops: "auto" takes the fused kernels (torch.compile, Triton) for CUDA tensors and the
     PyTorch reference elsewhere; "on" takes them everywhere (on the CPU through Triton's interpreter
     and torch.compile's C++ backend: for checking them against the reference); "off" takes the
     reference everywhere (for checking the fused model on the GPU)."""
     return mode == "on" or (mode == "auto" and x.is_cuda)
-
-
-class Fusable:
-    """fn (the PyTorch reference) and fn through torch.compile, which fuses its elementwise chain and
-    float32 round trips into a kernel or two each way; called as f(fused, *args)."""
-
-    def __init__(self, fn):
-        functools.update_wrapper(self, fn)
-        self.eager = fn
-        self.compiled = torch.compile(fn)
-
-    def __call__(self, fused: bool, *args, **kwargs):
-        if not fused:
-            return self.eager(*args, **kwargs)
-        # Parameters go in as plain views. Inductor takes a parameter for a static input: if the first
-        # one it compiled with was 16-byte aligned, its kernel assumes every later one is and skips the
-        # check (and copy) it does for other inputs. DeepSpeed packs the parameters into one flat buffer,
-        # so one that follows, say, A_log of 6 heads is not aligned, and the GPU faults on it
-        # ("misaligned address").
-        args = [a.view_as(a) if isinstance(a, nn.Parameter) else a for a in args]
-        return self.compiled(*args, **kwargs)
 
 
 @Fusable

@@ -28,22 +28,22 @@ from torch.utils.checkpoint import checkpoint
 from prism_megatron.config import ModelConfig
 from prism_megatron.context_parallel import ContextSlice, context_parallel_recurrence
 from prism_megatron.context_parallel import causal_conv as cp_causal_conv
+from prism_megatron.kernels.fused.fusable import Fusable, upcast
+from prism_megatron.kernels.fused.l2norm import l2norm
+from prism_megatron.kernels.prism import PackedSequences, prism_recurrence
 from prism_megatron.layers import (
     ColumnParallelLinear,
-    Fusable,
     RMSNorm,
     RowParallelLinear,
     check_divides,
     conv_init,
     gated_rms_norm,
     short_conv,
-    upcast,
     use_fused,
 )
-from prism_megatron.ops import PackedSequences, prism_recurrence
 from prism_megatron.process_groups import tp_size
 from prism_megatron.sharding import normal_init, sharded_parameter
-from prism_megatron.solver import SOLVER_CLASSES, l2norm
+from prism_megatron.solver import SOLVER_CLASSES
 
 
 @dataclass(frozen=True)

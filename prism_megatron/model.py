@@ -16,9 +16,9 @@ from torch.utils.checkpoint import checkpoint
 from prism_megatron.config import ModelConfig, ParallelConfig
 from prism_megatron.context_parallel import ContextSlice
 from prism_megatron.kernels.fused.linear_cross_entropy import linear_cross_entropy
+from prism_megatron.kernels.prism import PackedSequences
 from prism_megatron.layers import ColumnParallelLinear, RMSNorm, SwiGLUMLP, megatron_config, no_megatron_init
 from prism_megatron.mixer import PrismMixer
-from prism_megatron.ops import PackedSequences
 from prism_megatron.process_groups import cp_size, tp_group, tp_rank, tp_size
 from prism_megatron.sequence_parallel import scatter_sequence
 from prism_megatron.sharding import (
@@ -123,7 +123,8 @@ class PrismLM(nn.Module):
             return self._mask_vocab_padding(self.lm_head(x, head_weight))
         x = self.lm_head.parallel_input(x)
         # Under CP the mean over this rank's equal slice: the mean over CP ranks is the samples' mean.
-        return linear_cross_entropy(x.flatten(0, 1), head_weight, labels.flatten(), self.config.vocab_size).mean()
+        return linear_cross_entropy(x.flatten(0, 1), head_weight, labels.flatten(), self.config.vocab_size,
+                                    tp_group(), tp_rank(), tp_size()).mean()
 
     def _mask_vocab_padding(self, logits: torch.Tensor) -> torch.Tensor:
         """Padded vocabulary entries get -inf logits: they never win the softmax nor get a gradient."""

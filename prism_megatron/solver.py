@@ -11,8 +11,8 @@ split, the authors' LM form: Gated DeltaNet's write of v along k (strength sigmo
 Token-local, so under TP each rank holds the weights of its own heads and never communicates; the
 maps W_p and W_k are per head, full or of a low rank (AnchorMaps). A solver's gains, keys and
 strength logits come from one GEMM of the anchor per head (all heads in one batched GEMM,
-HeadwiseLinear), then one elementwise pass in which only the chain over l is sequential: for prism
-a Triton kernel each way where the model's ops are fused, for split the PyTorch code through
+HeadwiseLinear), then one elementwise pass in which only the chain over l is sequential (kernels/solver):
+for prism a Triton kernel each way where the model's ops are fused, for split the PyTorch code through
 torch.compile. The
 mixer runs the solver inside the checkpoint that also covers the short convolution
 (PrismMixer.recurrence_inputs), so none of its intermediates is kept for the backward: they are
@@ -21,25 +21,16 @@ formed again there (one more GEMM and elementwise pass).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from megatron.core import ModelParallelConfig
 from torch import nn
 
 from prism_megatron.config import ModelConfig
-from prism_megatron.kernels.solver.prism_steps import prism_steps
-from prism_megatron.layers import Fusable, upcast
+from prism_megatron.kernels.solver import prism_outputs, prism_steps, split_outputs
 from prism_megatron.sharding import constant_init, normal_init, sharded_parameter
 
 # The projection's width is padded to a multiple of this many columns: rows of 16 bytes in bf16, which
 # the GEMM's fast kernels need (an odd width, e.g. L strength logits after the maps, gets slow ones).
 ALIGN_COLUMNS = 8
-
-
-@Fusable
-def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """x / sqrt(|x|^2 + eps) over the last dimension (fla's l2norm)."""
-    xf = upcast(x)
-    return (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 class HeadwiseLinear(torch.autograd.Function):
@@ -61,47 +52,6 @@ class HeadwiseLinear(torch.autograd.Function):
         dx = x.new_empty(x.shape)
         torch.bmm(dy_heads, weight, out=dx.transpose(0, 1))
         return dx, torch.bmm(dy_heads.transpose(1, 2), x.transpose(0, 1))
-
-
-def prism_outputs(projection: torch.Tensor, gain_bias: torch.Tensor, strength_bias: torch.Tensor,
-                  v: torch.Tensor, u: torch.Tensor, key_dim: int, key_norm: bool):
-    """prism's elementwise part (fused: kernels/solver/prism_steps.py). projection
-    [N, H, >= L*V + (L-1)*K + L]: per token and head the gains (before their bias), the extra keys and
-    the strength logits; v, u [N, H, V] -> d [N, H, L, V], kx [N, H, L-1, K] or None, beta [N, H, L]."""
-    _, L, V = gain_bias.shape
-    keys = (L - 1) * key_dim
-    gain = projection[..., : L * V].unflatten(-1, (L, V)) + gain_bias
-    residual, steps = v - u, []
-    for step in range(L):
-        d = F.gelu(gain[:, :, step] * residual)
-        steps.append(d)
-        residual = residual - d
-    kx = None
-    if L > 1:
-        kx = projection[..., L * V: L * V + keys].unflatten(-1, (L - 1, key_dim))
-        kx = l2norm.eager(kx) if key_norm else kx
-    beta = torch.sigmoid(projection[..., L * V + keys: L * V + keys + L] + strength_bias)
-    return torch.stack(steps, dim=2), kx, beta
-
-
-@Fusable
-def split_outputs(projection: torch.Tensor, gain_bias: torch.Tensor, strength_bias: torch.Tensor,
-                  v: torch.Tensor, base_logits: torch.Tensor, key_dim: int, key_norm: bool):
-    """split's elementwise part. projection [N, H, >= L*V + L*K + L] (gains before their bias, keys,
-    strength logits), v [N, H, V], base_logits [N, H] (the write along k) -> d [N, H, L+1, V] =
-    [v, delta^1..delta^L], kx [N, H, L, K], beta [N, H, L+1]."""
-    _, L, V = gain_bias.shape
-    keys = L * key_dim
-    share = torch.sigmoid(projection[..., : L * V].unflatten(-1, (L, V)) + gain_bias)
-    rest, steps = v, [v]
-    for step in range(L):
-        steps.append(share[:, :, step] * rest)
-        rest = rest * (1 - share[:, :, step])
-    kx = projection[..., L * V: L * V + keys].unflatten(-1, (L, key_dim))
-    kx = l2norm.eager(kx) if key_norm else kx
-    logits = projection[..., L * V + keys: L * V + keys + L] + strength_bias
-    beta = torch.sigmoid(torch.cat([base_logits.unsqueeze(-1), logits], -1))
-    return torch.stack(steps, dim=2), kx, beta
 
 
 class AnchorMaps(nn.Module):

@@ -37,7 +37,7 @@ def _op_worker(backend: str, dtype, K: int, V: int, atol: float):
 
     from prism_megatron.context_parallel import ContextSlice, context_parallel_recurrence
     from prism_megatron.model import token_positions
-    from prism_megatron.ops import prism_recurrence
+    from prism_megatron.kernels.prism import prism_recurrence
     from prism_megatron.process_groups import cp_rank, initialize_parallel
     from megatron.core import parallel_state
 

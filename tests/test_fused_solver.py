@@ -1,5 +1,5 @@
 """The Triton pass of the prism solver (kernels/solver) against the PyTorch code it replaces on CUDA
-(solver.prism_outputs): outputs and every input's gradient, float64 under the interpreter on the
+(kernels/solver/naive.py): outputs and every input's gradient, float64 under the interpreter on the
 CPU, bf16 on the GPU."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from prism_megatron.kernels.solver.prism_steps import prism_steps
-from prism_megatron.solver import prism_outputs
+from prism_megatron.kernels.solver.naive import prism_outputs
 
 CASES = [  # tokens N, heads H, L, V, K, columns of alignment padding, key_norm
     (5, 2, 3, 8, 4, 3, True),

@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from prism_megatron.layers import Fusable, LinearOfRecomputed, gated_rms_norm, rms_norm, swiglu
+from prism_megatron.kernels.fused.fusable import Fusable
+from prism_megatron.layers import LinearOfRecomputed, gated_rms_norm, rms_norm, swiglu
 
 
 def _grads(outputs, inputs, seed):

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from prism_megatron.kernels.prism.chunk_torch import chunk_prism_recurrence_torch
 from prism_megatron.kernels.prism.naive import naive_prism_recurrence
-from prism_megatron.ops import prism_recurrence
+from prism_megatron.kernels.prism import prism_recurrence
 
 
 def make_inputs(B, T, H, K, V, L, dtype=torch.float64, g_range=(-1.0, 0.0), beta_range=(0.0, 1.0), seed=0):

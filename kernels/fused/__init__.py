@@ -1,2 +1,2 @@
-"""Fused model-level ops (loss, convolution, elementwise glue), each next to the plain PyTorch code it
-is tested against."""
+"""Fused model-level ops: the chunked linear cross-entropy, l2norm, and the torch.compile glue of the
+elementwise ops (fusable.py), each next to the plain PyTorch code it is tested against."""

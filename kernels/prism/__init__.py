@@ -1,1 +1,3 @@
-"""The PRISM recurrence (PRISM.md sections 1 and 4), one module per backend."""
+"""The PRISM recurrence (PRISM.md sections 1 and 4): the op (op.py: its contract and backend dispatch)
+and one module per backend, naive.py (the spec), chunk_torch.py and the Triton kernels (chunk.py)."""
+from .op import PackedSequences, prism_recurrence

@@ -84,7 +84,7 @@ class ChunkPrismFunction(torch.autograd.Function):
 
 
 def _check_kernel_limits(q: torch.Tensor, d: torch.Tensor) -> None:
-    """What this kernel supports beyond the op's contract (checked by prism_megatron.ops)."""
+    """What this kernel supports beyond the op's contract (checked by op.py)."""
     K, V = q.shape[-1], d.shape[-1]
     if q.dtype not in INPUT_DTYPES:
         raise TypeError(f"the Triton PRISM kernel takes {INPUT_DTYPES} inputs, got {q.dtype}")
@@ -105,7 +105,7 @@ def chunk_prism_recurrence(
     cu_seqlens: torch.Tensor | None = None,
     table: PackedChunkTable | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The PRISM recurrence (contract: PRISM.md section 1, checked by prism_megatron.ops.prism_recurrence);
+    """The PRISM recurrence (contract: PRISM.md section 1, checked by op.py's prism_recurrence);
     returns (o, final_state or None). `table`, cu_seqlens' chunk table built already, saves the host sync
     of building it here."""
     _check_kernel_limits(q, d)

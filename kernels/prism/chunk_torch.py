@@ -93,8 +93,8 @@ def chunk_prism_recurrence_torch(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The PRISM recurrence (contract: PRISM.md section 1); returns (o, final_state or None).
 
-    The default chunk of 32 tokens was faster on CPU than 64 for short packed documents (padding)
-    and no slower for long ones.
+    The default chunk is 32 tokens, not 64: short packed documents pad less, and long ones run no
+    slower (docs/PERFORMANCE.md).
     """
     B, T, H, K = q.shape
     L, V = d.shape[3], d.shape[4]

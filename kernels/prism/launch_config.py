@@ -36,22 +36,21 @@ def key_blocks(k: torch.Tensor) -> dict:
 
 def value_blocks(k: torch.Tensor, V: int) -> dict:
     """key_blocks and value columns in blocks of BV: 64 for 16-bit inputs, 16 for float32 ones, whose tiles
-    take twice the shared memory. (16-bit blocks of 32 value columns in every kernel hit an illegal memory
-    access on the H200 under Triton 3.6, though they compute correctly under the interpreter: most likely
-    Triton's Hopper wgmma fault with 32-wide dot operands, triton-lang/triton #10573 and #11366, which do
-    not occur on 3.5. The state scans alone run and pass the GPU tests with 32: scan_values.)"""
+    take twice the shared memory. (Not 32 for 16-bit inputs: those blocks fault on Hopper, most likely
+    a Triton bug with 32-wide dot operands, docs/PERFORMANCE.md. The state scans alone run with 32:
+    scan_values.)"""
     blocks = key_blocks(k)
     BV = 16 if blocks["IEEE"] else 64
     return dict(blocks, V=V, BV=min(BV, max(16, triton.next_power_of_2(V))))
 
 
-# Warps per kernel at BK = 128, from per-kernel timings on an H200 (docs/PERFORMANCE.md); the
-# backward's gradient kernels hold several [C, BK] float32 accumulators and want the registers of 8.
+# Warps per kernel at BK = 128, the fastest of per-kernel timings (docs/PERFORMANCE.md); the backward's
+# gradient kernels hold several [C, BK] float32 accumulators and want the registers of 8.
 WARPS = dict(solve=1, wy_fwd=4, state_fwd=4, output=4, du_local=4, state_bwd=8, pseudo_value_grad=4,
              output_state_grad=8, extra_key_grad=8, wy_bwd=4, wy_bwd_extra_keys=8)
-# Kernels whose largest tiles are the chunk's [C, C] float32 matrices, which do not shrink with K: halving
-# wy_fwd's and output's warps at K = V = 64 made them slower on the H200, while wy_bwd with extra keys ran
-# the whole forward+backward faster on half its warps (docs/PERFORMANCE.md).
+# Kernels whose largest tiles are the chunk's [C, C] float32 matrices, which do not shrink with K, so they
+# keep their warps at K <= 64. (wy_bwd with extra keys is not among them: it runs faster on half its warps,
+# docs/PERFORMANCE.md.)
 SQUARE_TILED = ("solve", "wy_fwd", "output", "pseudo_value_grad", "wy_bwd")
 
 
@@ -69,9 +68,9 @@ def stages(stage_bytes: int, resident_bytes: int = 0, deepest: int = 2) -> int:
 
 
 def local_stages(blocks: dict, stage_bytes: int, resident_bytes: int) -> int:
-    """stages for the chunk-local gradient kernels' loops over value blocks: up to 3 (Triton's default),
-    which ran faster than 2 with 16-bit inputs at K = 128 on the H200 (docs/PERFORMANCE.md); up to 2 for
-    float32 ones, whose tiles come closest to the shared-memory limit."""
+    """stages for the chunk-local gradient kernels' loops over value blocks: up to 3 (Triton's default) for
+    16-bit inputs, faster than 2 (docs/PERFORMANCE.md); up to 2 for float32 ones, whose tiles come closest
+    to the shared-memory limit."""
     return stages(stage_bytes, resident_bytes, 2 if blocks["IEEE"] else 3)
 
 
@@ -91,8 +90,7 @@ def scan_values(blocks: dict, num_seqs: int, H: int, device: torch.device) -> di
     """blocks with value blocks of 32 columns for 16-bit inputs where the state scans would otherwise run
     fewer programs than the GPU has multiprocessors (long single sequences): the scans are sequential over
     chunks, so their time is the chunk count times one step's latency, and more programs share it out
-    (measured on one 32768-token sequence: docs/PERFORMANCE.md). With many programs the scans keep 64
-    columns; 32 there is untimed (fla's reverse scan autotunes to 32 at B=8 T=2048)."""
+    (docs/PERFORMANCE.md). With many programs the scans keep 64 columns."""
     if blocks["IEEE"] or num_seqs * H * triton.cdiv(blocks["V"], blocks["BV"]) >= multiprocessors(device):
         return blocks
     return dict(blocks, BV=min(blocks["BV"], 32))

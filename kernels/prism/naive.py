@@ -18,7 +18,7 @@ def state_dtype(dtype: torch.dtype) -> torch.dtype:
 def sequence_spans(batch: int, length: int, cu_seqlens: torch.Tensor | None) -> list[tuple[int, int, int]]:
     """(batch row, start, end) of every independent sequence, in the order of their states.
 
-    cu_seqlens is trusted here: prism_megatron.ops.prism_recurrence checks the contract."""
+    cu_seqlens is trusted here: op.py's prism_recurrence checks the contract."""
     if cu_seqlens is None:
         return [(b, 0, length) for b in range(batch)]
     bounds = cu_seqlens.tolist()

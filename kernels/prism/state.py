@@ -3,9 +3,9 @@
 
 Forward, chunk by chunk: store S_0, then U = U~ - W^ S_0 and
 S_C = gamma_C S_0 + K^T diag(gamma_C/gamma) U + sum_l (Kappa^l)^T diag(gamma_C/gamma) b^l D^l.
-(The extra keys' term does not depend on the state, but forming it in a parallel kernel and reading
-it back as a float32 [K, V] tile per chunk measured slower on the H200 than these L - 1 products,
-whose loads the pipeliner issues ahead: docs/PERFORMANCE.md.)
+(The extra keys' term does not depend on the state, but these L - 1 products, whose loads the
+pipeliner issues ahead, cost less than forming it in a parallel kernel and reading it back as a
+float32 [K, V] tile per chunk: docs/PERFORMANCE.md.)
 
 Backward, last chunk first, with dS = dL/dS_C: store dS, then the total pseudo-value gradient
 dU = dU_local + diag(gamma_C/gamma) K dS, and dS_0 = gamma_C dS + scale (diag(gamma) Q)^T dO - W^T dU.

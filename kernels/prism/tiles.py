@@ -2,15 +2,15 @@
 
 Rows of every [tokens, heads, ...] tensor are addressed by an int64 element offset per row, so
 products of B, T, H and the head dims never wrap at 2^31. Tiles that a kernel needs transposed are
-loaded transposed from memory, or transposed as elementwise results of loads: Triton 3.4-3.7.0 on
-Hopper miscompiles `tl.trans` of a `tl.dot` result, so no kernel here transposes a product.
+loaded transposed from memory, or transposed as elementwise results of loads: Triton miscompiles
+`tl.trans` of a `tl.dot` result on Hopper (docs/PERFORMANCE.md), so no kernel here transposes a product.
 """
 import os
 
 import triton
 import triton.language as tl
 
-# Triton 3.9's interpreter truncates float32 -> bfloat16 casts (and garbles those of transposed tiles),
+# Triton's interpreter truncates float32 -> bfloat16 casts (and garbles those of transposed tiles),
 # where the GPU rounds to nearest even. Under it, products round their operands to bfloat16 or TF32
 # precision by bit arithmetic, as the tensor cores would, and `cast` rounds stored bfloat16 the same
 # way: the CPU tests then see the GPU's rounding error.
@@ -91,10 +91,9 @@ def operand(x, IEEE: tl.constexpr):
 @triton.jit
 def mm(a, b, IEEE: tl.constexpr):
     """a @ b accumulated in float32: bfloat16 operands for 16-bit inputs (the tensor-core rate, and
-    half the shared memory of float32 ones), exact float32 products for float32 inputs. (Those compile to
-    unrolled FMA loops, slowly at K = 256; tf32x3 products compiled fast on the H200 under Triton 3.6, but
-    put the initial state's gradient outside the float32 budget and needed more shared memory than Hopper
-    has at K = 256: docs/PERFORMANCE.md.)"""
+    half the shared memory of float32 ones), exact float32 products for float32 inputs. (Not tf32x3: it put
+    the initial state's gradient outside the float32 budget and needs more shared memory than Hopper has at
+    K = 256: docs/PERFORMANCE.md.)"""
     if IEEE:
         c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     elif INTERPRETED:

@@ -1,7 +1,6 @@
-"""The prism solver's elementwise pass (docs/SOLVERS.md section 1; reference:
-prism_megatron.solver.prism_outputs), forward and backward each one Triton kernel over tokens and
-heads. Per token and head, from the projection of the anchor (gains before their bias, extra keys,
-strength logits) and v, u:
+"""The prism solver's elementwise pass (docs/SOLVERS.md section 1; reference: naive.py's prism_outputs),
+forward and backward each one Triton kernel over tokens and heads. Per token and head, from the
+projection of the anchor (gains before their bias, extra keys, strength logits) and v, u:
 
     r^1 = v - u;  d^l = GELU((p_gain^l + bias_gain^l) * r^l),  r^l+1 = r^l - d^l       (l = 1..L)
     kx^l = l2norm(p_key^l) (or p_key^l),  beta^l = sigmoid(p_strength^l + bias_strength^l)
@@ -23,7 +22,7 @@ import triton.language as tl
 # kernel spills (the backward holds about ten such tiles and their pointers).
 BLOCK_TOKENS = 4
 NUM_WARPS = 2
-KEY_NORM_EPS = tl.constexpr(1e-6)  # solver.l2norm's
+KEY_NORM_EPS = tl.constexpr(1e-6)  # l2norm's (kernels/fused/l2norm.py)
 
 
 @triton.jit

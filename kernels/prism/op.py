@@ -5,8 +5,8 @@ import functools
 
 import torch
 
-from prism_megatron.kernels.prism.chunk_torch import chunk_prism_recurrence_torch
-from prism_megatron.kernels.prism.naive import naive_prism_recurrence
+from .chunk_torch import chunk_prism_recurrence_torch
+from .naive import naive_prism_recurrence
 
 BACKENDS = ("naive", "torch", "triton")
 
@@ -33,7 +33,7 @@ class PackedSequences:
 
     @functools.cached_property
     def chunk_table(self):
-        from prism_megatron.kernels.prism.launch_config import PackedChunkTable
+        from .launch_config import PackedChunkTable
 
         return PackedChunkTable(self.cu_seqlens.to(torch.int64))
 
@@ -99,6 +99,6 @@ def prism_recurrence(
     if backend == "torch":
         return chunk_prism_recurrence_torch(*args)
     # Imported here: Triton compiles (or, without a GPU, interprets) on first use.
-    from prism_megatron.kernels.prism.chunk import chunk_prism_recurrence
+    from .chunk import chunk_prism_recurrence
 
     return chunk_prism_recurrence(*args, table=packed and packed.chunk_table)
