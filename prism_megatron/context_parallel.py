@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from prism_megatron.layers import causal_depthwise_conv
+from prism_megatron.kernels.conv.naive import causal_depthwise_conv
 from prism_megatron.ops import prism_recurrence
 from prism_megatron.process_groups import cp_group, cp_rank, cp_size
 

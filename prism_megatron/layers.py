@@ -1,6 +1,6 @@
 """The model's building blocks around megatron-core's TP layers: linear layers that also speak our
-sequence parallelism, RMSNorm, the SwiGLU MLP and the causal depthwise convolution. Their
-parameters are made and tagged in sharding.py."""
+sequence parallelism, RMSNorm and the SwiGLU MLP. Their parameters are made and tagged in
+sharding.py."""
 from __future__ import annotations
 
 import functools
@@ -116,7 +116,7 @@ class RowParallelLinear(tensor_parallel.RowParallelLinear):
 
 
 # ----------------------------------------------------------------------------------------------
-# Norms, MLP, convolution
+# Norms, MLP
 
 
 def upcast(x: torch.Tensor) -> torch.Tensor:
@@ -229,32 +229,6 @@ class SwiGLUMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down.of(functools.partial(swiglu, use_fused(self.fused_ops, x)), self.gate_up(x))
-
-
-def causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-    """y_t = sum_s weight[:, W-1-s] * x_{t-s} over the taps s with position_t >= s.
-
-    x: [B, T, C]; weight: [C, W]; position: [B, T], each token's index within its sequence,
-    so the window never reaches into the previous packed document (cu_seqlens) or row.
-    """
-    W = weight.shape[1]
-    y = x * weight[:, W - 1]
-    for s in range(1, min(W, x.shape[1])):
-        shifted = F.pad(x[:, :-s], (0, 0, s, 0))
-        y = y + (shifted * (position >= s)[..., None].to(x.dtype)) * weight[:, W - 1 - s]
-    return y
-
-
-def short_conv(fused: bool, x: torch.Tensor, weight: torch.Tensor, position: torch.Tensor,
-               silu_channels: int) -> torch.Tensor:
-    """causal_depthwise_conv, then SiLU on the first silu_channels channels: Triton kernels (kernels/conv)
-    where fused, this PyTorch code otherwise."""
-    if fused:
-        from prism_megatron.kernels.conv.causal_conv import causal_conv
-
-        return causal_conv(x, weight, position, silu_channels)
-    y = causal_depthwise_conv(x, weight, position)
-    return torch.cat([F.silu(y[..., :silu_channels]), y[..., silu_channels:]], -1)
 
 
 def conv_init(width: int) -> Init:

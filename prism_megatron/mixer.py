@@ -28,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from prism_megatron.config import ModelConfig
 from prism_megatron.context_parallel import ContextSlice, context_parallel_recurrence
 from prism_megatron.context_parallel import causal_conv as cp_causal_conv
+from prism_megatron.kernels.conv import short_conv
 from prism_megatron.layers import (
     ColumnParallelLinear,
     Fusable,
@@ -36,7 +37,6 @@ from prism_megatron.layers import (
     check_divides,
     conv_init,
     gated_rms_norm,
-    short_conv,
     upcast,
     use_fused,
 )
