@@ -5,6 +5,9 @@ a SwiGLU MLP, a final RMSNorm, a column-parallel LM head and vocab-parallel cros
     loss = model(tokens, labels, cu_seqlens=None)  # mean token cross-entropy, float32 (under CP: of this
                                                    # rank's slice; context_parallel.py says why that is right)
     logits = model(tokens)                         # [B, T, padded vocab / TP], padding at -inf
+
+Each forward describes once how the batch's tokens lie on this rank (batch_layout: a TokenLayout of
+token_layout.py) and hands that to every layer.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ from prism_megatron.sharding import (
     shard_spec,
     tag_vocab_parallel,
 )
+from prism_megatron.token_layout import TokenLayout, WholeSequences
 
 
 class Block(nn.Module):
@@ -45,8 +49,8 @@ class Block(nn.Module):
         self.mlp = SwiGLUMLP(cfg.hidden_size, cfg.ffn_hidden_size, config=config, init_std=cfg.init_std,
                              out_init_std=out_init_std, sequence_parallel=sequence_parallel, fused_ops=cfg.fused_ops)
 
-    def forward(self, x, position, cu_seqlens, context=None):
-        x = x + self.mixer(self.mixer_norm(x), position, cu_seqlens, context)
+    def forward(self, x: torch.Tensor, sequences: TokenLayout) -> torch.Tensor:
+        x = x + self.mixer(self.mixer_norm(x), sequences)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -100,23 +104,15 @@ class PrismLM(nn.Module):
         if self.sequence_parallel and T % tp_size():
             raise ValueError(f"sequence length {T} does not divide by the tensor-parallel size {tp_size()}, "
                              "which sequence parallelism needs")
-        # Under context parallelism tokens are this rank's slice of each row; cu_seqlens is the samples'.
-        context = None
-        if cp_size() > 1:
-            context = ContextSlice.build(token_positions(B, T * cp_size(), cu_seqlens, tokens.device))
-            position, cu_seqlens = None, None
-        else:
-            position = token_positions(B, T, cu_seqlens, tokens.device)
-            if cu_seqlens is not None:  # checked once here, not in every layer
-                cu_seqlens = PackedSequences(cu_seqlens.to(tokens.device), B * T)
+        sequences = batch_layout(B, T, cu_seqlens, tokens.device)
         x = self.embedding(tokens)
         if self.sequence_parallel:
             x = scatter_sequence(x)
         for layer in self.layers:
             if self.config.recompute == "full":
-                x = checkpoint(layer, x, position, cu_seqlens, context, use_reentrant=False)
+                x = checkpoint(layer, x, sequences, use_reentrant=False)
             else:
-                x = layer(x, position, cu_seqlens, context)
+                x = layer(x, sequences)
         x = self.final_norm(x)
         head_weight = self.embedding.weight if self.config.tie_embeddings else self.lm_head.weight
         if labels is None:
@@ -140,6 +136,19 @@ class PrismLM(nn.Module):
             torch.distributed.all_gather(parts, logits.contiguous(), group=tp_group())
             logits = torch.cat(parts, dim=-1)
         return logits[..., : self.config.vocab_size]
+
+
+def batch_layout(batch: int, length: int, cu_seqlens: torch.Tensor | None, device) -> TokenLayout:
+    """How `batch` rows of `length` tokens lie on this rank: whole, or under context parallelism each
+    this rank's slice of a sample's row. cu_seqlens: the whole samples' documents over their flattened
+    rows (None: a row is one sequence)."""
+    if cp_size() > 1:
+        return ContextSlice.build(token_positions(batch, length * cp_size(), cu_seqlens, device))
+    position = token_positions(batch, length, cu_seqlens, device)
+    if cu_seqlens is None:
+        return WholeSequences(position, None)
+    # Checked once here, not in every layer.
+    return WholeSequences(position, PackedSequences(cu_seqlens.to(device), batch * length))
 
 
 def token_positions(batch: int, length: int, cu_seqlens: torch.Tensor | None, device) -> torch.Tensor:
