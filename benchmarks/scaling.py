@@ -179,7 +179,7 @@ def kernel_step(cfg, device: torch.device):
 
 @contextmanager
 def layer_step(cfg, device: torch.device):
-    from prism_megatron.layers import megatron_config
+    from prism_megatron.layers import megatron_config_for
     from prism_megatron.model import Block, batch_layout
     from prism_megatron.process_groups import cp_size, tp_size
     from prism_megatron.sharding import add_tp_grad_sum_hooks, draw_parameters
@@ -189,7 +189,7 @@ def layer_step(cfg, device: torch.device):
     local = T // cp_size()
     if sequence_parallel and local % tp_size():
         raise ValueError(f"sequence parallelism splits a rank's {local} tokens over TP={tp_size()}: they do not divide")
-    block = Block(m, config=megatron_config(tp_size()), sequence_parallel=sequence_parallel)
+    block = Block(m, megatron_config=megatron_config_for(tp_size()), sequence_parallel=sequence_parallel)
     draw_parameters(block, cfg.training.seed)
     block.to(dtype)
     add_tp_grad_sum_hooks(block)

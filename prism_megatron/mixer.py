@@ -101,7 +101,8 @@ def decay(a: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor) -> torch.
 
 
 class PrismMixer(nn.Module):
-    def __init__(self, cfg: ModelConfig, *, config: ModelParallelConfig, sequence_parallel: bool, out_init_std: float):
+    def __init__(self, cfg: ModelConfig, *, megatron_config: ModelParallelConfig, sequence_parallel: bool,
+                 out_init_std: float):
         super().__init__()
         check_divides("model.num_heads", cfg.num_heads)
         H, K, V = cfg.num_heads, cfg.head_k_dim, cfg.head_v_dim
@@ -114,18 +115,19 @@ class PrismMixer(nn.Module):
         self.layout = InProjLayout.for_config(cfg)
         self.local_conv = sum(self.layout.conv_sizes) // tp_size()
 
-        self.in_proj = ColumnParallelLinear(cfg.hidden_size, sum(self.layout.sizes), config=config,
+        self.in_proj = ColumnParallelLinear(cfg.hidden_size, sum(self.layout.sizes), megatron_config=megatron_config,
                                             segments=self.layout.sizes,
                                             init=normal_init(cfg.init_std), sequence_parallel=sequence_parallel)
-        self.conv_weight = sharded_parameter((self.local_conv, cfg.conv_size), conv_init(cfg.conv_size), config,
-                                             segments=self.layout.conv_sizes)
-        self.A_log = sharded_parameter((self.heads,), a_log_init, config)
-        self.dt_bias = sharded_parameter((self.heads,), dt_bias_init, config)
-        self.solver = SOLVER_CLASSES[cfg.solver](cfg, self.heads, config=config) if cfg.solver != "none" else None
+        self.conv_weight = sharded_parameter((self.local_conv, cfg.conv_size), conv_init(cfg.conv_size),
+                                             megatron_config, segments=self.layout.conv_sizes)
+        self.A_log = sharded_parameter((self.heads,), a_log_init, megatron_config)
+        self.dt_bias = sharded_parameter((self.heads,), dt_bias_init, megatron_config)
+        self.solver = (SOLVER_CLASSES[cfg.solver](cfg, self.heads, megatron_config=megatron_config)
+                       if cfg.solver != "none" else None)
         # One weight shared by all heads, applied here to this rank's heads only: partial gradient.
-        self.out_norm = RMSNorm(V, cfg.norm_eps, config, partial_input=True, fused_ops=cfg.fused_ops)
-        self.out_proj = RowParallelLinear(H * V, cfg.hidden_size, config=config, init=normal_init(out_init_std),
-                                          sequence_parallel=sequence_parallel)
+        self.out_norm = RMSNorm(V, cfg.norm_eps, megatron_config, partial_input=True, fused_ops=cfg.fused_ops)
+        self.out_proj = RowParallelLinear(H * V, cfg.hidden_size, megatron_config=megatron_config,
+                                          init=normal_init(out_init_std), sequence_parallel=sequence_parallel)
 
     def forward(self, x: torch.Tensor, sequences: TokenLayout) -> torch.Tensor:
         """x: [B, T, D] normed (T/tp of it under sequence parallelism), rows that `sequences` says how
