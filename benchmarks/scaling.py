@@ -17,7 +17,8 @@ On one GPU both are one sample of T tokens.
 
 Cases, the model's shape, precision, kernel backend and ZeRO stage from --config and --set:
 - kernel: prism_recurrence forward and backward on this rank's heads (H / TP) and tokens (one
-  sample / CP); under CP context_parallel_recurrence, with its summary exchange;
+  sample / CP), as the model's token layout runs it: under CP context_parallel_recurrence, with its
+  summary exchange;
 - layer: one Block (norms, mixer, MLP) forward and backward, TP/SP/CP collectives included, for each
   --recompute mode (full: the block under activation checkpointing, as PrismLM runs it);
 - model: a training step of PrismLM (forward, backward, optimizer) through the DeepSpeed engine
@@ -150,9 +151,7 @@ def compute_dtype(cfg) -> torch.dtype:
 
 @contextmanager
 def kernel_step(cfg, device: torch.device):
-    from prism_megatron.context_parallel import ContextSlice, context_parallel_recurrence
-    from prism_megatron.model import token_positions
-    from prism_megatron.kernels.prism import prism_recurrence
+    from prism_megatron.model import batch_layout
     from prism_megatron.process_groups import cp_size, tp_size
 
     m, dtype = cfg.model, compute_dtype(cfg)  # the config's validation saw the heads divide by TP
@@ -169,14 +168,10 @@ def kernel_step(cfg, device: torch.device):
     g = (F.logsigmoid(torch.randn(1, T, H, device=device)) / 4).requires_grad_()  # float32, as the mixer's
     do = torch.randn(1, T, H, V, device=device, dtype=dtype)
     inputs = [x for x in (q, k, d, kx, beta, g) if x is not None]
-    scale = K**-0.5
-    context = ContextSlice.build(token_positions(1, cfg.data.seq_length, None, device)) if cp_size() > 1 else None
+    sequences = batch_layout(1, T, None, device)
 
     def step():
-        if context is not None:
-            o, _ = context_parallel_recurrence(q, k, d, kx, beta, g, scale, context, m.kernel_backend)
-        else:
-            o, _ = prism_recurrence(q, k, d, kx, beta, g, scale=scale, backend=m.kernel_backend)
+        o = sequences.recurrence(q, k, d, kx, beta, g, K**-0.5, m.kernel_backend)
         torch.autograd.grad(o, inputs, do)
 
     yield step
@@ -184,9 +179,8 @@ def kernel_step(cfg, device: torch.device):
 
 @contextmanager
 def layer_step(cfg, device: torch.device):
-    from prism_megatron.context_parallel import ContextSlice
-    from prism_megatron.layers import megatron_config
-    from prism_megatron.model import Block, token_positions
+    from prism_megatron.layers import megatron_config_for
+    from prism_megatron.model import Block, batch_layout
     from prism_megatron.process_groups import cp_size, tp_size
     from prism_megatron.sharding import add_tp_grad_sum_hooks, draw_parameters
 
@@ -195,7 +189,7 @@ def layer_step(cfg, device: torch.device):
     local = T // cp_size()
     if sequence_parallel and local % tp_size():
         raise ValueError(f"sequence parallelism splits a rank's {local} tokens over TP={tp_size()}: they do not divide")
-    block = Block(m, config=megatron_config(tp_size()), sequence_parallel=sequence_parallel)
+    block = Block(m, megatron_config=megatron_config_for(tp_size()), sequence_parallel=sequence_parallel)
     draw_parameters(block, cfg.training.seed)
     block.to(dtype)
     add_tp_grad_sum_hooks(block)
@@ -203,16 +197,13 @@ def layer_step(cfg, device: torch.device):
                     dtype=dtype, requires_grad=True)
     dy = torch.randn_like(x)
     wrt = [x, *block.parameters()]
-    if cp_size() > 1:
-        position, context = None, ContextSlice.build(token_positions(1, T, None, device))
-    else:
-        position, context = token_positions(1, local, None, device), None
+    sequences = batch_layout(1, local, None, device)
 
     def step():
         if m.recompute == "full":
-            y = checkpoint(block, x, position, None, context, use_reentrant=False)
+            y = checkpoint(block, x, sequences, use_reentrant=False)
         else:
-            y = block(x, position, None, context)
+            y = block(x, sequences)
         torch.autograd.grad(y, wrt, dy)
 
     yield step

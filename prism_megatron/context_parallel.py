@@ -16,7 +16,8 @@ not capped by the number of heads.
 
 The loader's batches stay whole; `slice_batch` cuts out this rank's tokens and labels and keeps the
 sample's cu_seqlens: per-rank bounds alone could not tell a document starting at the rank's first
-token (reset) from one carried over, so the model derives them (`ContextSlice`).
+token (reset) from one carried over, so the model derives them (`ContextSlice`, the token layout
+that the model hands its layers under CP: token_layout.py).
 """
 from __future__ import annotations
 
@@ -25,9 +26,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from prism_megatron.kernels.conv import short_conv
 from prism_megatron.kernels.prism import prism_recurrence
-from prism_megatron.layers import causal_depthwise_conv
 from prism_megatron.process_groups import cp_group, cp_rank, cp_size
+from prism_megatron.token_layout import TokenLayout, join_rows
 
 
 class _GatherRanks(torch.autograd.Function):
@@ -65,8 +67,10 @@ def slice_batch(batch: dict) -> dict:
 
 
 @dataclass(frozen=True)
-class ContextSlice:
-    """This rank's slice [r*T/P, (r+1)*T/P) of every row, as the mixer needs it.
+class ContextSlice(TokenLayout):
+    """This rank's slice [r*T/P, (r+1)*T/P) of every row, as the mixer needs it: the local sequences
+    are packed into one row, and each continues what the previous rank leaves (its convolution's
+    last inputs and its state) where a document crosses into this rank.
 
     position: [B, T/P] each token's index within its document, counted from the document's start
     on whichever rank; cu_seqlens: the local sequences over the flat B*T/P tokens (a new one at each
@@ -101,23 +105,31 @@ class ContextSlice:
         carries[first] = ~starts[:, 0]
         return cls(position, bounds.to(torch.int32), carries, first, last)
 
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        return join_rows(x)
 
-def causal_conv(x: torch.Tensor, weight: torch.Tensor, context: ContextSlice) -> torch.Tensor:
-    """causal_depthwise_conv of this rank's slice x [B, T/P, C], with the previous rank's last W-1
-    inputs in front (zeros on rank 0; masked out where the document starts on this rank)."""
-    halo_size = weight.shape[1] - 1
-    if halo_size == 0:
-        return causal_depthwise_conv(x, weight, context.position)
-    if x.shape[1] < halo_size:
-        raise ValueError(f"context parallelism needs at least conv_size - 1 = {halo_size} tokens per rank, "
-                         f"got {x.shape[1]}")
-    halos = gather_ranks(x[:, -halo_size:])
-    # Indexed out of all ranks' halos, rank 0 included, so that every rank's backward reaches the
-    # all-gather's (collective) backward.
-    halo = torch.cat([torch.zeros_like(halos[:1]), halos[:-1]])[cp_rank()]
-    # The taps are masked by the output token's position; the halo's own positions never matter.
-    position = torch.cat([context.position[:, :1].expand(-1, halo_size), context.position], dim=1)
-    return causal_depthwise_conv(torch.cat([halo, x], dim=1), weight, position)[:, halo_size:]
+    def conv_halo(self, x: torch.Tensor, size: int) -> torch.Tensor | None:
+        """The previous rank's last `size` inputs of each row (zeros on rank 0; the convolution masks
+        them out where the document starts on this rank)."""
+        if size == 0:
+            return None
+        if x.shape[1] < size:
+            raise ValueError(f"context parallelism needs at least conv_size - 1 = {size} tokens per rank, "
+                             f"got {x.shape[1]}")
+        halos = gather_ranks(x[:, -size:])
+        # Indexed out of all ranks' halos, rank 0 included, so that every rank's backward reaches the
+        # all-gather's (collective) backward.
+        return torch.cat([torch.zeros_like(halos[:1]), halos[:-1]])[cp_rank()]
+
+    def short_conv(self, fused: bool, x: torch.Tensor, weight: torch.Tensor, silu_channels: int,
+                   halo: torch.Tensor | None) -> torch.Tensor:
+        # The halo joins each row before the rows are packed.
+        return self.pack(short_conv(fused, x, weight, self.position, silu_channels, halo))
+
+    def recurrence(self, q: torch.Tensor, k: torch.Tensor, d: torch.Tensor, kx: torch.Tensor | None,
+                   beta: torch.Tensor, g: torch.Tensor, scale: float, backend: str) -> torch.Tensor:
+        o, _ = context_parallel_recurrence(q, k, d, kx, beta, g, scale, self, backend)
+        return o
 
 
 def context_parallel_recurrence(q, k, d, kx, beta, g, scale: float, context: ContextSlice,

@@ -1,6 +1,6 @@
 """The model's building blocks around megatron-core's TP layers: linear layers that also speak our
-sequence parallelism, RMSNorm, the SwiGLU MLP and the causal depthwise convolution. Their
-parameters are made and tagged in sharding.py."""
+sequence parallelism, RMSNorm and the SwiGLU MLP. Their parameters are made and tagged in
+sharding.py."""
 from __future__ import annotations
 
 import functools
@@ -25,7 +25,7 @@ from prism_megatron.sharding import (
 )
 
 
-def megatron_config(tp: int, dtype: torch.dtype = torch.float32) -> ModelParallelConfig:
+def megatron_config_for(tp: int, dtype: torch.dtype = torch.float32) -> ModelParallelConfig:
     """The config megatron-core's TP layers read. Its sequence_parallel stays off: our own SP
     functions (sequence_parallel.py) wrap the layers instead, since megatron's need CUDA (see there).
     Initialization is ours too (sharding.py: global_init)."""
@@ -55,16 +55,16 @@ class ColumnParallelLinear(tensor_parallel.ColumnParallelLinear):
     fused outputs, each split over TP, so a rank's output holds its part of every one.
     """
 
-    def __init__(self, input_size: int, output_size: int, *, config: ModelParallelConfig, init: Init,
-                 sequence_parallel: bool, segments: tuple[int, ...] | None = None, **kwargs):
+    def __init__(self, input_size: int, output_size: int, *, megatron_config: ModelParallelConfig,
+                 init: Init, sequence_parallel: bool, segments: tuple[int, ...] | None = None, **kwargs):
         if segments is not None and sum(segments) != output_size:
             raise ValueError(f"fused segments {segments} do not add up to the output size {output_size}")
         for size in segments or (output_size,):
-            if size % config.tensor_model_parallel_size:
+            if size % megatron_config.tensor_model_parallel_size:
                 raise ValueError(f"output part of size {size} does not divide over "
-                                 f"{config.tensor_model_parallel_size} tensor-parallel ranks")
-        super().__init__(input_size, output_size, config=config, init_method=no_megatron_init, bias=False,
-                         gather_output=False, disable_grad_reduce=sequence_parallel, **kwargs)
+                                 f"{megatron_config.tensor_model_parallel_size} tensor-parallel ranks")
+        super().__init__(input_size, output_size, config=megatron_config, init_method=no_megatron_init,
+                         bias=False, gather_output=False, disable_grad_reduce=sequence_parallel, **kwargs)
         self.sequence_parallel_input = sequence_parallel
         if self.weight is not None:
             tag_sharded(self.weight, 0, segments)
@@ -87,15 +87,15 @@ class ColumnParallelLinear(tensor_parallel.ColumnParallelLinear):
 class RowParallelLinear(tensor_parallel.RowParallelLinear):
     """megatron-core's row-parallel linear (no bias, input split over TP). Its output is summed over
     TP: all-reduced by megatron's reduction, or under sequence parallelism reduce-scattered along the
-    sequence by parallel.reduce_scatter_sequence (megatron's own reduce-scatter needs CUDA)."""
+    sequence by sequence_parallel.reduce_scatter_sequence (megatron's own reduce-scatter needs CUDA)."""
 
-    def __init__(self, input_size: int, output_size: int, *, config: ModelParallelConfig, init: Init,
-                 sequence_parallel: bool):
-        if input_size % config.tensor_model_parallel_size:
+    def __init__(self, input_size: int, output_size: int, *, megatron_config: ModelParallelConfig,
+                 init: Init, sequence_parallel: bool):
+        if input_size % megatron_config.tensor_model_parallel_size:
             raise ValueError(f"input size {input_size} does not divide over "
-                             f"{config.tensor_model_parallel_size} tensor-parallel ranks")
-        super().__init__(input_size, output_size, config=config, init_method=no_megatron_init, bias=False,
-                         input_is_parallel=True, skip_bias_add=True)
+                             f"{megatron_config.tensor_model_parallel_size} tensor-parallel ranks")
+        super().__init__(input_size, output_size, config=megatron_config, init_method=no_megatron_init,
+                         bias=False, input_is_parallel=True, skip_bias_add=True)
         self.sequence_parallel_output = sequence_parallel
         tag_sharded(self.weight, 1)
         set_init(self.weight, init)
@@ -117,7 +117,7 @@ class RowParallelLinear(tensor_parallel.RowParallelLinear):
 
 
 # ----------------------------------------------------------------------------------------------
-# Norms, MLP, convolution
+# Norms, MLP
 
 
 def use_fused(mode: str, x: torch.Tensor) -> bool:
@@ -180,11 +180,12 @@ class RMSNorm(nn.Module):
     must be summed over TP.
     """
 
-    def __init__(self, dim: int, eps: float, config: ModelParallelConfig, partial_input: bool, fused_ops: str):
+    def __init__(self, dim: int, eps: float, megatron_config: ModelParallelConfig, partial_input: bool,
+                 fused_ops: str):
         super().__init__()
         self.eps = eps
         self.fused_ops = fused_ops
-        self.weight = replicated_parameter((dim,), constant_init(1.0), config, sum_grad_over_tp=partial_input)
+        self.weight = replicated_parameter((dim,), constant_init(1.0), megatron_config, sum_grad_over_tp=partial_input)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(use_fused(self.fused_ops, x), x, self.weight, self.eps)
@@ -193,43 +194,18 @@ class RMSNorm(nn.Module):
 class SwiGLUMLP(nn.Module):
     """down(silu(gate(x)) * up(x)); gate and up are one fused column-parallel GEMM."""
 
-    def __init__(self, hidden: int, ffn: int, *, config: ModelParallelConfig, init_std: float,
+    def __init__(self, hidden: int, ffn: int, *, megatron_config: ModelParallelConfig, init_std: float,
                  out_init_std: float, sequence_parallel: bool, fused_ops: str):
         super().__init__()
         self.fused_ops = fused_ops
-        self.gate_up = ColumnParallelLinear(hidden, 2 * ffn, config=config, init=normal_init(init_std),
-                                            sequence_parallel=sequence_parallel, segments=(ffn, ffn))
-        self.down = RowParallelLinear(ffn, hidden, config=config, init=normal_init(out_init_std),
+        self.gate_up = ColumnParallelLinear(hidden, 2 * ffn, megatron_config=megatron_config,
+                                            init=normal_init(init_std), sequence_parallel=sequence_parallel,
+                                            segments=(ffn, ffn))
+        self.down = RowParallelLinear(ffn, hidden, megatron_config=megatron_config, init=normal_init(out_init_std),
                                       sequence_parallel=sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down.of(functools.partial(swiglu, use_fused(self.fused_ops, x)), self.gate_up(x))
-
-
-def causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-    """y_t = sum_s weight[:, W-1-s] * x_{t-s} over the taps s with position_t >= s.
-
-    x: [B, T, C]; weight: [C, W]; position: [B, T], each token's index within its sequence,
-    so the window never reaches into the previous packed document (cu_seqlens) or row.
-    """
-    W = weight.shape[1]
-    y = x * weight[:, W - 1]
-    for s in range(1, min(W, x.shape[1])):
-        shifted = F.pad(x[:, :-s], (0, 0, s, 0))
-        y = y + (shifted * (position >= s)[..., None].to(x.dtype)) * weight[:, W - 1 - s]
-    return y
-
-
-def short_conv(fused: bool, x: torch.Tensor, weight: torch.Tensor, position: torch.Tensor,
-               silu_channels: int) -> torch.Tensor:
-    """causal_depthwise_conv, then SiLU on the first silu_channels channels: Triton kernels (kernels/conv)
-    where fused, this PyTorch code otherwise."""
-    if fused:
-        from prism_megatron.kernels.conv.causal_conv import causal_conv
-
-        return causal_conv(x, weight, position, silu_channels)
-    y = causal_depthwise_conv(x, weight, position)
-    return torch.cat([F.silu(y[..., :silu_channels]), y[..., silu_channels:]], -1)
 
 
 def conv_init(width: int) -> Init:

@@ -26,11 +26,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from prism_megatron.config import ModelConfig
-from prism_megatron.context_parallel import ContextSlice, context_parallel_recurrence
-from prism_megatron.context_parallel import causal_conv as cp_causal_conv
 from prism_megatron.kernels.fused.fusable import Fusable, upcast
 from prism_megatron.kernels.fused.l2norm import l2norm
-from prism_megatron.kernels.prism import PackedSequences, prism_recurrence
 from prism_megatron.layers import (
     ColumnParallelLinear,
     RMSNorm,
@@ -38,12 +35,12 @@ from prism_megatron.layers import (
     check_divides,
     conv_init,
     gated_rms_norm,
-    short_conv,
     use_fused,
 )
 from prism_megatron.process_groups import tp_size
 from prism_megatron.sharding import normal_init, sharded_parameter
 from prism_megatron.solver import SOLVER_CLASSES
+from prism_megatron.token_layout import TokenLayout
 
 
 @dataclass(frozen=True)
@@ -104,7 +101,8 @@ def decay(a: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor) -> torch.
 
 
 class PrismMixer(nn.Module):
-    def __init__(self, cfg: ModelConfig, *, config: ModelParallelConfig, sequence_parallel: bool, out_init_std: float):
+    def __init__(self, cfg: ModelConfig, *, megatron_config: ModelParallelConfig, sequence_parallel: bool,
+                 out_init_std: float):
         super().__init__()
         check_divides("model.num_heads", cfg.num_heads)
         H, K, V = cfg.num_heads, cfg.head_k_dim, cfg.head_v_dim
@@ -117,77 +115,59 @@ class PrismMixer(nn.Module):
         self.layout = InProjLayout.for_config(cfg)
         self.local_conv = sum(self.layout.conv_sizes) // tp_size()
 
-        self.in_proj = ColumnParallelLinear(cfg.hidden_size, sum(self.layout.sizes), config=config,
+        self.in_proj = ColumnParallelLinear(cfg.hidden_size, sum(self.layout.sizes), megatron_config=megatron_config,
                                             segments=self.layout.sizes,
                                             init=normal_init(cfg.init_std), sequence_parallel=sequence_parallel)
-        self.conv_weight = sharded_parameter((self.local_conv, cfg.conv_size), conv_init(cfg.conv_size), config,
-                                             segments=self.layout.conv_sizes)
-        self.A_log = sharded_parameter((self.heads,), a_log_init, config)
-        self.dt_bias = sharded_parameter((self.heads,), dt_bias_init, config)
-        self.solver = SOLVER_CLASSES[cfg.solver](cfg, self.heads, config=config) if cfg.solver != "none" else None
+        self.conv_weight = sharded_parameter((self.local_conv, cfg.conv_size), conv_init(cfg.conv_size),
+                                             megatron_config, segments=self.layout.conv_sizes)
+        self.A_log = sharded_parameter((self.heads,), a_log_init, megatron_config)
+        self.dt_bias = sharded_parameter((self.heads,), dt_bias_init, megatron_config)
+        self.solver = (SOLVER_CLASSES[cfg.solver](cfg, self.heads, megatron_config=megatron_config)
+                       if cfg.solver != "none" else None)
         # One weight shared by all heads, applied here to this rank's heads only: partial gradient.
-        self.out_norm = RMSNorm(V, cfg.norm_eps, config, partial_input=True, fused_ops=cfg.fused_ops)
-        self.out_proj = RowParallelLinear(H * V, cfg.hidden_size, config=config, init=normal_init(out_init_std),
-                                          sequence_parallel=sequence_parallel)
+        self.out_norm = RMSNorm(V, cfg.norm_eps, megatron_config, partial_input=True, fused_ops=cfg.fused_ops)
+        self.out_proj = RowParallelLinear(H * V, cfg.hidden_size, megatron_config=megatron_config,
+                                          init=normal_init(out_init_std), sequence_parallel=sequence_parallel)
 
-    def forward(self, x: torch.Tensor, position: torch.Tensor, cu_seqlens: PackedSequences | None,
-                context: ContextSlice | None = None) -> torch.Tensor:
-        """x: [B, T, D] normed (T/tp of it under sequence parallelism); position: [B, T] within each
-        sequence; with cu_seqlens the batch is treated as one packed row of B*T tokens. Under context
-        parallelism T is this rank's slice, `context` says how it continues (position and
-        cu_seqlens are then unused) and the local sequences are packed the same way."""
+    def forward(self, x: torch.Tensor, sequences: TokenLayout) -> torch.Tensor:
+        """x: [B, T, D] normed (T/tp of it under sequence parallelism), rows that `sequences` says how
+        to join into sequences (token_layout.py)."""
         h = self.in_proj(x)
         B, T, _ = h.shape
         layout, tp = self.layout, tp_size()
         conv_input, gates = self.split_conv(h)
-        conv = None
-        if context is not None:
-            # The previous rank's last inputs join each row before the rows are packed.
-            conv = cp_causal_conv(conv_input, self.conv_weight, context).reshape(1, B * T, -1)
-            position = None
-        elif cu_seqlens is not None:
-            position = position.reshape(1, B * T)
-        if context is not None or cu_seqlens is not None:
-            conv_input, gates = conv_input.reshape(1, B * T, -1), gates.reshape(1, B * T, -1)
-        z, a, *b = layout.split(gates, tp, layout.gate_parts)
-        args = (conv_input, a, b[0] if b else None, position, cu_seqlens, context, conv)
+        # Outside the recomputed parts, so that a halo that takes a collective (context parallelism) is
+        # formed once and kept.
+        halo = sequences.conv_halo(conv_input, self.conv_weight.shape[1] - 1)
+        z, a, *b = layout.split(sequences.pack(gates), tp, layout.gate_parts)
+        args = (sequences, conv_input, halo, a, b[0] if b else None)
         o = checkpoint(self.mix, *args, use_reentrant=False) if self.recompute_heads else self.mix(*args)
         norm = functools.partial(self.gated_norm, use_fused(self.fused_ops, h), (B, T, -1))
         return self.out_proj.of(norm, o, z.reshape(o.shape), self.out_norm.weight)
 
-    def mix(self, conv_input: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None, position: torch.Tensor | None,
-            cu_seqlens: PackedSequences | None, context: ContextSlice | None, conv: torch.Tensor | None) -> torch.Tensor:
-        """in_proj's outputs (the convolution's channels, the decay and, for Gated DeltaNet and the split
-        solver, the strength logits of the write along k) -> the recurrence's output per head: what
-        model.recompute = selective re-runs in the backward. `conv`: the short convolution's output
-        before SiLU where context parallelism has formed it already."""
+    def mix(self, sequences: TokenLayout, conv_input: torch.Tensor, halo: torch.Tensor | None, a: torch.Tensor,
+            b: torch.Tensor | None) -> torch.Tensor:
+        """in_proj's outputs (the convolution's channels and the halo before them, the decay and, for Gated
+        DeltaNet and the split solver, the strength logits of the write along k) -> the recurrence's output
+        per head: what model.recompute = selective re-runs in the backward."""
         fused = use_fused(self.fused_ops, conv_input)
         # Nothing between in_proj's output (kept anyway) and the recurrence is kept for the backward: the
         # convolution's output (at 1.3B, 16 KiB a token and layer) and the solver's intermediates are
-        # formed again there. Under context parallelism the given `conv` is kept instead.
-        q, k, d, kx, beta = checkpoint(self.recurrence_inputs, fused, conv_input, b, position, conv,
+        # formed again there.
+        q, k, d, kx, beta = checkpoint(self.recurrence_inputs, sequences, fused, conv_input, halo, b,
                                        use_reentrant=False)
         g = decay(fused, a, self.A_log, self.dt_bias)
-        scale = self.head_k_dim**-0.5
-        if context is not None:
-            o, _ = context_parallel_recurrence(q, k, d, kx, beta.to(q.dtype), g, scale, context, self.backend)
-            return o
-        o, _ = prism_recurrence(q, k, d, kx, beta.to(q.dtype), g, scale=scale, cu_seqlens=cu_seqlens,
-                                backend=self.backend)
-        return o
+        return sequences.recurrence(q, k, d, kx, beta.to(q.dtype), g, self.head_k_dim**-0.5, self.backend)
 
-    def recurrence_inputs(self, fused: bool, conv_input: torch.Tensor, b: torch.Tensor | None,
-                          position: torch.Tensor | None, conv: torch.Tensor | None):
-        """The short convolution (or, under context parallelism, its given output `conv` before SiLU), the
-        normalised q and k, and the solver's directions, extra keys and strengths -> q, k, d, kx, beta."""
+    def recurrence_inputs(self, sequences: TokenLayout, fused: bool, conv_input: torch.Tensor,
+                          halo: torch.Tensor | None, b: torch.Tensor | None):
+        """The short convolution, the normalised q and k, and the solver's directions, extra keys and
+        strengths -> q, k, d, kx, beta."""
         layout, tp = self.layout, tp_size()
         silu_channels = sum(layout.conv_sizes[:3]) // tp
-        if conv is None:
-            conv = short_conv(fused, conv_input, self.conv_weight, position, silu_channels)
-        else:
-            conv = torch.cat([F.silu(conv[..., :silu_channels]), conv[..., silu_channels:]], -1)
+        conv = sequences.short_conv(fused, conv_input, self.conv_weight, silu_channels, halo)
         q, k, v, *u = layout.split(conv, tp, layout.conv_parts)
-        heads = conv_input.shape[:2] + (self.heads, -1)
+        heads = conv.shape[:2] + (self.heads, -1)
         q, k, v = l2norm(fused, q.reshape(heads)), l2norm(fused, k.reshape(heads)), v.reshape(heads)
         if self.solver is None:
             return q, k, v.unsqueeze(3), None, torch.sigmoid(b).unsqueeze(3)

@@ -1,15 +1,18 @@
 """The PRISM language model: vocab-parallel embedding, pre-norm residual blocks of a PRISM mixer and
 a SwiGLU MLP, a final RMSNorm, a column-parallel LM head and vocab-parallel cross-entropy.
 
-    model = PrismLM(config, parallel)              # after parallel.initialize_parallel
+    model = PrismLM(cfg, parallel)                 # after process_groups.initialize_parallel
     loss = model(tokens, labels, cu_seqlens=None)  # mean token cross-entropy, float32 (under CP: of this
                                                    # rank's slice; context_parallel.py says why that is right)
     logits = model(tokens)                         # [B, T, padded vocab / TP], padding at -inf
+
+Each forward describes once how the batch's tokens lie on this rank (batch_layout: a TokenLayout of
+token_layout.py) and hands that to every layer.
 """
 from __future__ import annotations
 
 import torch
-from megatron.core import tensor_parallel
+from megatron.core import ModelParallelConfig, tensor_parallel
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -17,7 +20,7 @@ from prism_megatron.config import ModelConfig, ParallelConfig
 from prism_megatron.context_parallel import ContextSlice
 from prism_megatron.kernels.fused.linear_cross_entropy import linear_cross_entropy
 from prism_megatron.kernels.prism import PackedSequences
-from prism_megatron.layers import ColumnParallelLinear, RMSNorm, SwiGLUMLP, megatron_config, no_megatron_init
+from prism_megatron.layers import ColumnParallelLinear, RMSNorm, SwiGLUMLP, megatron_config_for, no_megatron_init
 from prism_megatron.mixer import PrismMixer
 from prism_megatron.process_groups import cp_size, tp_group, tp_rank, tp_size
 from prism_megatron.sequence_parallel import scatter_sequence
@@ -30,57 +33,60 @@ from prism_megatron.sharding import (
     shard_spec,
     tag_vocab_parallel,
 )
+from prism_megatron.token_layout import TokenLayout, WholeSequences
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, *, config, sequence_parallel: bool):
+    def __init__(self, cfg: ModelConfig, *, megatron_config: ModelParallelConfig, sequence_parallel: bool):
         super().__init__()
         out_init_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5  # GPT-2: residual branches scaled
         # Under SP a norm sees only this rank's slice of the sequence: partial weight gradients.
-        self.mixer_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, config, partial_input=sequence_parallel,
+        self.mixer_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, megatron_config, partial_input=sequence_parallel,
                                   fused_ops=cfg.fused_ops)
-        self.mixer = PrismMixer(cfg, config=config, sequence_parallel=sequence_parallel, out_init_std=out_init_std)
-        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, config, partial_input=sequence_parallel,
+        self.mixer = PrismMixer(cfg, megatron_config=megatron_config, sequence_parallel=sequence_parallel,
+                                out_init_std=out_init_std)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, megatron_config, partial_input=sequence_parallel,
                                 fused_ops=cfg.fused_ops)
-        self.mlp = SwiGLUMLP(cfg.hidden_size, cfg.ffn_hidden_size, config=config, init_std=cfg.init_std,
-                             out_init_std=out_init_std, sequence_parallel=sequence_parallel, fused_ops=cfg.fused_ops)
+        self.mlp = SwiGLUMLP(cfg.hidden_size, cfg.ffn_hidden_size, megatron_config=megatron_config,
+                             init_std=cfg.init_std, out_init_std=out_init_std, sequence_parallel=sequence_parallel,
+                             fused_ops=cfg.fused_ops)
 
-    def forward(self, x, position, cu_seqlens, context=None):
-        x = x + self.mixer(self.mixer_norm(x), position, cu_seqlens, context)
+    def forward(self, x: torch.Tensor, sequences: TokenLayout) -> torch.Tensor:
+        x = x + self.mixer(self.mixer_norm(x), sequences)
         return x + self.mlp(self.mlp_norm(x))
 
 
 class PrismLM(nn.Module):
-    def __init__(self, config: ModelConfig, parallel: ParallelConfig, seed: int | None = None):
+    def __init__(self, cfg: ModelConfig, parallel: ParallelConfig, seed: int | None = None):
         """Build this TP rank's shard. Weights are drawn from `seed` (default: the seed given to
         initialize_parallel) as global tensors and split, so they do not depend on the TP size."""
         super().__init__()
-        config.validate()
+        cfg.validate()
         if tp_size() != parallel.tensor_model_parallel_size:
             raise ValueError(f"parallel.tensor_model_parallel_size={parallel.tensor_model_parallel_size} but the "
                              f"process groups have TP size {tp_size()}: call initialize_parallel with this config")
         if cp_size() != parallel.context_parallel_size:
             raise ValueError(f"parallel.context_parallel_size={parallel.context_parallel_size} but the "
                              f"process groups have CP size {cp_size()}: call initialize_parallel with this config")
-        self.config = config
+        self.cfg = cfg
         self.sequence_parallel = parallel.sequence_parallel and tp_size() > 1
-        mcfg = megatron_config(tp_size())
-        self.padded_vocab_size = padded_vocab_size(config.vocab_size, tp_size())
+        megatron_config = megatron_config_for(tp_size())
+        self.padded_vocab_size = padded_vocab_size(cfg.vocab_size, tp_size())
 
         self.embedding = tensor_parallel.VocabParallelEmbedding(
-            self.padded_vocab_size, config.hidden_size, init_method=no_megatron_init, config=mcfg)
-        tag_vocab_parallel(self.embedding.weight, config.vocab_size)
-        set_init(self.embedding.weight, normal_init(config.init_std))
+            self.padded_vocab_size, cfg.hidden_size, init_method=no_megatron_init, config=megatron_config)
+        tag_vocab_parallel(self.embedding.weight, cfg.vocab_size)
+        set_init(self.embedding.weight, normal_init(cfg.init_std))
         self.layers = nn.ModuleList(
-            Block(config, config=mcfg, sequence_parallel=self.sequence_parallel)
-            for _ in range(config.num_layers))
-        self.final_norm = RMSNorm(config.hidden_size, config.norm_eps, mcfg, partial_input=self.sequence_parallel,
-                                  fused_ops=config.fused_ops)
-        self.lm_head = ColumnParallelLinear(config.hidden_size, self.padded_vocab_size, config=mcfg,
-                                            init=normal_init(config.init_std), sequence_parallel=self.sequence_parallel,
-                                            skip_weight_param_allocation=config.tie_embeddings)
-        if not config.tie_embeddings:
-            tag_vocab_parallel(self.lm_head.weight, config.vocab_size)
+            Block(cfg, megatron_config=megatron_config, sequence_parallel=self.sequence_parallel)
+            for _ in range(cfg.num_layers))
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, megatron_config,
+                                  partial_input=self.sequence_parallel, fused_ops=cfg.fused_ops)
+        self.lm_head = ColumnParallelLinear(cfg.hidden_size, self.padded_vocab_size, megatron_config=megatron_config,
+                                            init=normal_init(cfg.init_std), sequence_parallel=self.sequence_parallel,
+                                            skip_weight_param_allocation=cfg.tie_embeddings)
+        if not cfg.tie_embeddings:
+            tag_vocab_parallel(self.lm_head.weight, cfg.vocab_size)
         self.reset_parameters(torch.initial_seed() if seed is None else seed)
         add_tp_grad_sum_hooks(self)
 
@@ -100,39 +106,31 @@ class PrismLM(nn.Module):
         if self.sequence_parallel and T % tp_size():
             raise ValueError(f"sequence length {T} does not divide by the tensor-parallel size {tp_size()}, "
                              "which sequence parallelism needs")
-        # Under context parallelism tokens are this rank's slice of each row; cu_seqlens is the samples'.
-        context = None
-        if cp_size() > 1:
-            context = ContextSlice.build(token_positions(B, T * cp_size(), cu_seqlens, tokens.device))
-            position, cu_seqlens = None, None
-        else:
-            position = token_positions(B, T, cu_seqlens, tokens.device)
-            if cu_seqlens is not None:  # checked once here, not in every layer
-                cu_seqlens = PackedSequences(cu_seqlens.to(tokens.device), B * T)
+        sequences = batch_layout(B, T, cu_seqlens, tokens.device)
         x = self.embedding(tokens)
         if self.sequence_parallel:
             x = scatter_sequence(x)
         for layer in self.layers:
-            if self.config.recompute == "full":
-                x = checkpoint(layer, x, position, cu_seqlens, context, use_reentrant=False)
+            if self.cfg.recompute == "full":
+                x = checkpoint(layer, x, sequences, use_reentrant=False)
             else:
-                x = layer(x, position, cu_seqlens, context)
+                x = layer(x, sequences)
         x = self.final_norm(x)
-        head_weight = self.embedding.weight if self.config.tie_embeddings else self.lm_head.weight
+        head_weight = self.embedding.weight if self.cfg.tie_embeddings else self.lm_head.weight
         if labels is None:
             return self._mask_vocab_padding(self.lm_head(x, head_weight))
         x = self.lm_head.parallel_input(x)
         # Under CP the mean over this rank's equal slice: the mean over CP ranks is the samples' mean.
-        return linear_cross_entropy(x.flatten(0, 1), head_weight, labels.flatten(), self.config.vocab_size,
+        return linear_cross_entropy(x.flatten(0, 1), head_weight, labels.flatten(), self.cfg.vocab_size,
                                     tp_group(), tp_rank(), tp_size()).mean()
 
     def _mask_vocab_padding(self, logits: torch.Tensor) -> torch.Tensor:
         """Padded vocabulary entries get -inf logits: they never win the softmax nor get a gradient."""
-        if self.padded_vocab_size == self.config.vocab_size:
+        if self.padded_vocab_size == self.cfg.vocab_size:
             return logits
         local = logits.shape[-1]
         index = torch.arange(local, device=logits.device) + tp_rank() * local
-        return logits.masked_fill(index >= self.config.vocab_size, float("-inf"))
+        return logits.masked_fill(index >= self.cfg.vocab_size, float("-inf"))
 
     def gather_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """Vocab-parallel logits [..., padded vocab / TP] -> [..., vocab] on every rank (a collective)."""
@@ -140,7 +138,20 @@ class PrismLM(nn.Module):
             parts = [torch.empty_like(logits) for _ in range(tp_size())]
             torch.distributed.all_gather(parts, logits.contiguous(), group=tp_group())
             logits = torch.cat(parts, dim=-1)
-        return logits[..., : self.config.vocab_size]
+        return logits[..., : self.cfg.vocab_size]
+
+
+def batch_layout(batch: int, length: int, cu_seqlens: torch.Tensor | None, device) -> TokenLayout:
+    """How `batch` rows of `length` tokens lie on this rank: whole, or under context parallelism each
+    this rank's slice of a sample's row. cu_seqlens: the whole samples' documents over their flattened
+    rows (None: a row is one sequence)."""
+    if cp_size() > 1:
+        return ContextSlice.build(token_positions(batch, length * cp_size(), cu_seqlens, device))
+    position = token_positions(batch, length, cu_seqlens, device)
+    if cu_seqlens is None:
+        return WholeSequences(position, None)
+    # Checked once here, not in every layer.
+    return WholeSequences(position, PackedSequences(cu_seqlens.to(device), batch * length))
 
 
 def token_positions(batch: int, length: int, cu_seqlens: torch.Tensor | None, device) -> torch.Tensor:

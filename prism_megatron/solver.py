@@ -61,12 +61,13 @@ class AnchorMaps(nn.Module):
     `{name}_down` [H, r, V] and `{name}_up` [H, n, m, r]. The names seed the weights' draws
     (PrismLM.reset_parameters), so the full maps keep the names they always had."""
 
-    def __init__(self, local_heads: int, head_v_dim: int, rank: int | None, config: ModelParallelConfig):
+    def __init__(self, local_heads: int, head_v_dim: int, rank: int | None, megatron_config: ModelParallelConfig):
         super().__init__()
-        self.heads, self.head_v_dim, self.rank, self.parallel_config = local_heads, head_v_dim, rank, config
+        self.heads, self.head_v_dim, self.rank = local_heads, head_v_dim, rank
+        self.megatron_config = megatron_config
 
     def head_param(self, shape: tuple[int, ...], init) -> nn.Parameter:
-        return sharded_parameter((self.heads,) + shape, init, self.parallel_config)
+        return sharded_parameter((self.heads,) + shape, init, self.megatron_config)
 
     def add_map(self, name: str, outputs: int, size: int, std: float) -> None:
         V, r = self.head_v_dim, self.rank
@@ -103,8 +104,8 @@ class AnchorMaps(nn.Module):
 
 
 class PrismSolver(AnchorMaps):
-    def __init__(self, cfg: ModelConfig, local_heads: int, *, config: ModelParallelConfig):
-        super().__init__(local_heads, cfg.head_v_dim, cfg.solver_rank, config)
+    def __init__(self, cfg: ModelConfig, local_heads: int, *, megatron_config: ModelParallelConfig):
+        super().__init__(local_heads, cfg.head_v_dim, cfg.solver_rank, megatron_config)
         K, V, L, init = cfg.head_k_dim, cfg.head_v_dim, cfg.solver_steps, cfg.solver_init
         # W_p starts small and (by default) its bias at 1, so that d^1 starts near GELU(v - u).
         self.add_map("gain", L, V, cfg.init_std)
@@ -126,8 +127,8 @@ class SplitSolver(AnchorMaps):
     """Gated DeltaNet's write of v along k, plus L writes that split v by stick-breaking gains, each
     along its own key from the anchor (docs/SOLVERS.md section 2): L + 1 directions."""
 
-    def __init__(self, cfg: ModelConfig, local_heads: int, *, config: ModelParallelConfig):
-        super().__init__(local_heads, cfg.head_v_dim, cfg.solver_rank, config)
+    def __init__(self, cfg: ModelConfig, local_heads: int, *, megatron_config: ModelParallelConfig):
+        super().__init__(local_heads, cfg.head_v_dim, cfg.solver_rank, megatron_config)
         K, V, L, init = cfg.head_k_dim, cfg.head_v_dim, cfg.solver_steps, cfg.solver_init
         self.add_map("gain", L, V, cfg.init_std)
         self.gain_bias = self.head_param((L, V), constant_init(init.gain_bias))

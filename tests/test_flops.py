@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from prism_megatron import flops, mixer
+from prism_megatron import flops, token_layout
 from prism_megatron.config import ModelConfig, ParallelConfig
 from prism_megatron.kernels.prism.chunk import chunk_prism_recurrence
 from prism_megatron.kernels.prism.chunk_torch import chunk_prism_recurrence_torch
@@ -57,7 +57,7 @@ def test_weight_products_cost_six_flops_per_weight(single_process, monkeypatch, 
     backward; and the parameters give N of 6N."""
     cfg = CONFIGS[name]
     model = PrismLM(cfg, ParallelConfig())
-    monkeypatch.setattr(mixer, "prism_recurrence", elementwise_recurrence)
+    monkeypatch.setattr(token_layout, "prism_recurrence", elementwise_recurrence)
     tokens = torch.randint(0, cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
     with FlopCounterMode(display=False) as counter:
         model(tokens, tokens).backward()

@@ -1,5 +1,5 @@
 """The Triton short convolution (kernels/conv) against the PyTorch one it replaces on CUDA
-(layers.causal_depthwise_conv, then SiLU on the leading channels): forward and gradients, float64
+(kernels/conv/naive.py: causal_depthwise_conv, with SiLU on the leading channels): forward and gradients, float64
 under the interpreter on the CPU, bf16 on the GPU."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from prism_megatron.kernels.conv.causal_conv import causal_conv
-from prism_megatron.layers import short_conv
+from prism_megatron.kernels.conv import short_conv
 from prism_megatron.model import token_positions
 
 
@@ -61,3 +61,15 @@ def test_matches_reference_bfloat16_gpu(B, T, C, W, cu_seqlens, strided, silu_ch
     for name, a, b in zip(("y", "dx", "dweight"), got, exact):
         scale = b.abs().max().item()
         torch.testing.assert_close(a.double().cpu(), b, atol=2e-2 * scale, rtol=1e-2, msg=name)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["reference", "triton"])
+def test_halo_continues_the_rows(fused):
+    """A row's tail after its halo (the W-1 inputs before it) gives the tail of the whole row's output,
+    as the previous context-parallel rank's inputs (or a decoding cache) continue a sequence; a
+    document that starts in the tail (row 0, token 9) does not see the halo."""
+    W, split = 4, 7
+    x, weight, position = _inputs(2, 12, 5, W, torch.tensor([0, 9, 12, 24]), torch.float64, "cpu", True)
+    whole = short_conv(fused, x, weight, position, 3)
+    tail = short_conv(fused, x[:, split:], weight, position[:, split:], 3, halo=x[:, split - W + 1:split])
+    torch.testing.assert_close(tail, whole[:, split:], atol=1e-12, rtol=1e-12)

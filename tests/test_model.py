@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import yaml
 
 from prism_megatron.config import ModelConfig, ParallelConfig
+from prism_megatron.token_layout import WholeSequences
 
 CONFIGS = Path(__file__).resolve().parents[1] / "launch" / "configs"
 SMALL = dict(vocab_size=64, hidden_size=32, num_layers=2, num_heads=2, head_k_dim=8, head_v_dim=16,
@@ -62,7 +63,8 @@ def test_solver_none_is_gated_deltanet(backend):
     x = torch.randn(2, 11, SMALL["hidden_size"], dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     position = torch.arange(11).expand(2, 11)
     with torch.no_grad():
-        torch.testing.assert_close(mixer(x, position, None), _gated_deltanet_layer(mixer, x), atol=1e-12, rtol=1e-10)
+        torch.testing.assert_close(mixer(x, WholeSequences(position, None)), _gated_deltanet_layer(mixer, x),
+                                   atol=1e-12, rtol=1e-10)
 
 
 @pytest.mark.parametrize("solver", ["prism", "split", "none"])
@@ -157,11 +159,11 @@ def test_packed_layout_is_built_once_per_batch(monkeypatch):
 def test_recompute_gives_the_same_gradients(recompute, monkeypatch):
     """Recomputation re-runs the recurrence in the backward and changes no loss or gradient (float64,
     packed documents)."""
-    from prism_megatron import mixer
+    from prism_megatron import token_layout
 
     calls = []
-    recurrence = mixer.prism_recurrence
-    monkeypatch.setattr(mixer, "prism_recurrence", lambda *a, **kw: calls.append(1) or recurrence(*a, **kw))
+    recurrence = token_layout.prism_recurrence
+    monkeypatch.setattr(token_layout, "prism_recurrence", lambda *a, **kw: calls.append(1) or recurrence(*a, **kw))
     gen = torch.Generator().manual_seed(4)
     tokens, labels = torch.randint(0, 64, (2, 10), generator=gen), torch.randint(0, 64, (2, 10), generator=gen)
     cu_seqlens = torch.tensor([0, 3, 10, 20])

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from prism_megatron.config import SOLVER_INIT, ModelConfig, ParallelConfig
+from prism_megatron.token_layout import WholeSequences
 
 SMALL = dict(vocab_size=64, hidden_size=32, num_layers=1, num_heads=2, head_k_dim=8, head_v_dim=16,
              ffn_hidden_size=48, conv_size=4)
@@ -121,7 +122,7 @@ def test_mixer_matches_token_loop(variant):
             p.add_(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
     x = torch.randn(2, 9, SMALL["hidden_size"], dtype=torch.float64, generator=gen)
     with torch.no_grad():
-        got = mixer(x, torch.arange(9).expand(2, 9), None)
+        got = mixer(x, WholeSequences(torch.arange(9).expand(2, 9), None))
         torch.testing.assert_close(got, reference_mixer(mixer, cfg, x), atol=1e-12, rtol=1e-10)
 
 

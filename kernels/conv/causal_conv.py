@@ -8,8 +8,8 @@ w [C, W], position [N] each token's index within its sequence, read in the kerne
 reaches into the previous document or row. Sums in float32 (float64 for float64 inputs); y in x's
 dtype. The backward recomputes the pre-activations instead of saving them (W reads per token that hit
 the cache), forms their gradient in a float32 buffer, then the taps' gradients from it, and writes the
-weight gradient as per-program partial sums that torch adds up (no atomics: deterministic). Reference: prism_megatron.layers.causal_depthwise_conv, then
-F.silu on the leading channels.
+weight gradient as per-program partial sums that torch adds up (no atomics: deterministic). Reference:
+naive.causal_depthwise_conv.
 """
 from __future__ import annotations
 
