@@ -17,7 +17,8 @@ from prism_megatron.data_prep.tokenizer import train_tokenizer
 from prism_megatron.flops import PEAK_FLOPS_ENV, step_flops
 from prism_megatron.launch.checkpoint import COMPLETE
 from prism_megatron.launch.config import load_config
-from prism_megatron.launch.train import lr_at, read_metrics
+from prism_megatron.launch.engine import lr_at
+from prism_megatron.launch.metrics import read_metrics
 
 BIN = Path(sys.executable).parent
 STEPS = 6
