@@ -6,11 +6,11 @@ from __future__ import annotations
 import logging
 import math
 import os
-import warnings
 
 import torch
 import torch.distributed as dist
 
+from prism_megatron import quiet
 from prism_megatron.launch.config import ConfigError, RunConfig, TrainingConfig
 
 
@@ -18,9 +18,6 @@ def build_engine(cfg: RunConfig, model: torch.nn.Module):
     """The DeepSpeed engine that trains `model` as `cfg` says, and the AdamW it wraps (whose
     param_groups hold the current learning rate); benchmarks time this engine. Call after
     initialize_parallel."""
-    # Without a GPU, megatron-core warns at import that fused kernels are missing, and DeepSpeed that
-    # it picked the CPU: expected here, noise in every run's output.
-    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     import deepspeed
     from deepspeed.utils import logger as ds_logger
@@ -34,26 +31,27 @@ def build_engine(cfg: RunConfig, model: torch.nn.Module):
     optimizer = torch.optim.AdamW(weight_decay_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas),
                                   eps=o.eps, fused=torch.cuda.is_available())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, cfg) / o.lr)
-    engine, *_ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, mpu=deepspeed_mpu(),
-        config={
-            "train_batch_size": t.global_batch_size * cfg.parallel.context_parallel_size,
-            "train_micro_batch_size_per_gpu": t.micro_batch_size,
-            "gradient_accumulation_steps": grad_accumulation_steps(cfg, data_size()),
-            "gradient_clipping": o.grad_clip,
-            "zero_optimization": {"stage": t.zero_stage},
-            # Skip updates from non-finite gradients in bf16 as ZeRO does in fp32. Each bf16 gradient is
-            # added to its float32 accumulator as soon as it is ready and then freed, so the bf16
-            # gradients of the whole model never exist at once.
-            "bf16": {"enabled": use_bf16(t), "check_grad_overflow": True, "immediate_grad_update": True},
-            # Gradients accumulate over micro batches in float32 (DeepSpeed's default for bf16 is bf16).
-            # At ZeRO-1 this selects DeepSpeed's bf16 optimizer, which also checks for non-finite
-            # gradients through the global norm alone, not with a pass over every gradient.
-            "data_types": {"grad_accum_dtype": "fp32"},
-            # ZeRO wraps our AdamW instance.
-            "zero_allow_untested_optimizer": True,
-            "steps_per_print": 1 << 62,
-        })
+    with quiet.deepspeed_start():
+        engine, *_ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, mpu=deepspeed_mpu(),
+            config={
+                "train_batch_size": t.global_batch_size * cfg.parallel.context_parallel_size,
+                "train_micro_batch_size_per_gpu": t.micro_batch_size,
+                "gradient_accumulation_steps": grad_accumulation_steps(cfg, data_size()),
+                "gradient_clipping": o.grad_clip,
+                "zero_optimization": {"stage": t.zero_stage},
+                # Skip updates from non-finite gradients in bf16 as ZeRO does in fp32. Each bf16 gradient
+                # is added to its float32 accumulator as soon as it is ready and then freed, so the bf16
+                # gradients of the whole model never exist at once.
+                "bf16": {"enabled": use_bf16(t), "check_grad_overflow": True, "immediate_grad_update": True},
+                # Gradients accumulate over micro batches in float32 (DeepSpeed's default for bf16 is
+                # bf16). At ZeRO-1 this selects DeepSpeed's bf16 optimizer, which also checks for
+                # non-finite gradients through the global norm alone, not with a pass over every gradient.
+                "data_types": {"grad_accum_dtype": "fp32"},
+                # ZeRO wraps our AdamW instance.
+                "zero_allow_untested_optimizer": True,
+                "steps_per_print": 1 << 62,
+            })
     return engine, optimizer
 
 
