@@ -142,7 +142,7 @@ def measure(phases, flops_per_token: dict[str, float], warmup: int, steps: int, 
 def run_prism(config: Path, overrides: list[str], store: Path, warmup: int, steps: int, profile: bool) -> dict:
     from prism_megatron.flops import non_embedding_parameters, step_flops
     from prism_megatron.launch.config import load_config
-    from prism_megatron.launch.train import build_engine, forward
+    from prism_megatron.launch.engine import build_engine, forward
     from prism_megatron.model import PrismLM
     from prism_megatron.process_groups import destroy_parallel, initialize_parallel
 

@@ -47,7 +47,7 @@ from pathlib import Path
 import yaml
 
 from prism_megatron.launch.config import ConfigError, RunConfig, load_config
-from prism_megatron.launch.train import METRICS_FILE, read_metrics
+from prism_megatron.launch.metrics import METRICS_FILE, read_metrics
 
 PROGRESS_SECONDS = 60
 RUN_FILE = "run.json"

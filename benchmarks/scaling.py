@@ -22,7 +22,7 @@ Cases, the model's shape, precision, kernel backend and ZeRO stage from --config
 - layer: one Block (norms, mixer, MLP) forward and backward, TP/SP/CP collectives included, for each
   --recompute mode (full: the block under activation checkpointing, as PrismLM runs it);
 - model: a training step of PrismLM (forward, backward, optimizer) through the DeepSpeed engine
-  prism-train builds (launch.train.build_engine), one sample a DP rank, for each --recompute mode.
+  prism-train builds (launch.engine.build_engine), one sample a DP rank, for each --recompute mode.
 Kernel and layer DP ranks work alone (no gradient reduction). Tokens and activations are random, one
 document a sample: the time does not depend on their values.
 
@@ -144,7 +144,7 @@ def base_overrides(user_sets: list[str]) -> list[str]:
 
 
 def compute_dtype(cfg) -> torch.dtype:
-    from prism_megatron.launch.train import use_bf16
+    from prism_megatron.launch.engine import use_bf16
 
     return torch.bfloat16 if use_bf16(cfg.training) else torch.float32
 
@@ -211,7 +211,7 @@ def layer_step(cfg, device: torch.device):
 
 @contextmanager
 def model_step(cfg, device: torch.device):
-    from prism_megatron.launch.train import build_engine, forward
+    from prism_megatron.launch.engine import build_engine, forward
     from prism_megatron.model import PrismLM
 
     engine, _ = build_engine(cfg, PrismLM(cfg.model, cfg.parallel))

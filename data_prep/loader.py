@@ -280,16 +280,19 @@ def collate_samples(samples: list[dict[str, np.ndarray]], with_cu_seqlens: bool)
 
 
 class _MicroBatches:
-    """Global sample ids of one DP rank's micro batches, in increasing order."""
+    """Global sample ids of one DP rank's micro batches, in increasing order; the last one short
+    rather than left out unless ``drop_last``."""
 
     def __init__(self, num_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int,
-                 consumed_samples: int):
+                 consumed_samples: int, drop_last: bool):
         first = consumed_samples + (dp_rank - consumed_samples) % dp_size
         self.ids = range(first, num_samples, dp_size)
         self.micro_batch_size = micro_batch_size
+        self.drop_last = drop_last
 
     def __len__(self) -> int:
-        return len(self.ids) // self.micro_batch_size
+        whole, rest = divmod(len(self.ids), self.micro_batch_size)
+        return whole + (rest > 0 and not self.drop_last)
 
     def __iter__(self) -> Iterator[list[int]]:
         for b in range(len(self)):
@@ -303,24 +306,32 @@ class DistributedBatchLoader:
     The number of consumed samples is the whole loader state to checkpoint; resuming it at any
     DP size with the same global batch continues the same global order. With a ``verifier``
     (verify.ShardVerifier) no batch is handed out before the shards it was read from are verified.
+
+    ``drop_last=False`` makes one pass over every sample (an evaluation's): the rank's last micro
+    batch may be short, and every rank yields as many rounds as the rank with the most samples,
+    None for a round in which it has none, so that a collective run once a round stays matched.
     """
 
     def __init__(self, dataset: PackedDataset, micro_batch_size: int, dp_rank: int, dp_size: int,
                  consumed_samples: int = 0, num_workers: int = 0, with_cu_seqlens: bool = False,
-                 verifier: ShardVerifier | None = None):
+                 verifier: ShardVerifier | None = None, drop_last: bool = True):
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank {dp_rank} not in [0, {dp_size})")
         self.dataset = dataset
         self.batches = _MicroBatches(len(dataset), micro_batch_size, dp_rank, dp_size,
-                                     consumed_samples)
+                                     consumed_samples, drop_last)
+        self.rounds = len(self.batches)
+        if not drop_last:  # the rank with the most samples: the one the global order resumes at
+            self.rounds = len(_MicroBatches(len(dataset), micro_batch_size, consumed_samples % dp_size,
+                                            dp_size, consumed_samples, drop_last))
         self.num_workers = num_workers
         self.verifier = verifier
         self.collate = functools.partial(collate_samples, with_cu_seqlens=with_cu_seqlens)
 
     def __len__(self) -> int:
-        return len(self.batches)
+        return self.rounds
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[dict | None]:
         if self.num_workers == 0:
             batches = (self.collate([self.dataset[g] for g in ids]) for ids in self.batches)
         else:
@@ -334,6 +345,8 @@ class DistributedBatchLoader:
             if self.verifier is not None:
                 self.verifier.require(shards)
             yield batch
+        for _ in range(self.rounds - len(self.batches)):
+            yield None
 
 
 def _ignore_stop_signals(worker_id: int) -> None:

@@ -14,7 +14,6 @@ import logging
 import os
 import sys
 import time
-import warnings
 from pathlib import Path
 
 from prism_megatron.launch.checkpoint.export import export
@@ -36,7 +35,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     # DeepSpeed is imported only for the names of its checkpoint records: no accelerator is used.
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     try:
         if args.command == "inspect":

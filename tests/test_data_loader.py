@@ -155,6 +155,19 @@ def test_resume_at_another_dp_size_continues_the_global_order(stores, tmp_path):
     assert len(DistributedBatchLoader(dataset, 4, 1, 2, consumed_samples=24)) == 9
 
 
+def test_one_pass_over_every_sample_gives_every_rank_the_same_rounds(stores, tmp_path):
+    """drop_last=False (an evaluation): each sample once over the ranks, a short last micro batch,
+    and None for the rounds a rank has no samples in, so that every rank runs as many."""
+    dataset = PackedDataset([stores["a"]], None, SEQ, seed=0, num_samples=7, cache_dir=str(tmp_path))
+    loaders = [DistributedBatchLoader(dataset, 2, r, 3, drop_last=False) for r in range(3)]
+    rounds = [list(loader) for loader in loaders]
+    assert [len(loader) for loader in loaders] == [len(r) for r in rounds] == [2, 2, 2]
+    assert [[None if b is None else len(b["tokens"]) for b in r] for r in rounds] == [[2, 1], [2, None], [2, None]]
+    seen = [loader_ids(dataset, [b for b in r if b is not None]) for r in rounds]
+    assert seen == [[0, 3, 6], [1, 4], [2, 5]]
+    assert len(DistributedBatchLoader(dataset, 2, 0, 3)) == 1  # drop_last: whole micro batches only
+
+
 def test_worker_processes_give_the_same_batches(stores, tmp_path):
     dataset = PackedDataset([stores["a"], stores["b"]], [1, 1], SEQ, seed=0, num_samples=40,
                             cache_dir=str(tmp_path))

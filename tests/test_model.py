@@ -127,7 +127,7 @@ def test_bad_config_names_the_field(field, value):
 
 
 def test_weight_decay_spares_biases_and_norms():
-    from prism_megatron.launch.train import weight_decay_groups
+    from prism_megatron.launch.engine import weight_decay_groups
 
     model = _model(solver_steps=3)
     decay, no_decay = weight_decay_groups(model, 0.1)

@@ -14,7 +14,7 @@ import torch
 
 from prism_megatron.launch.checkpoint import committed
 from prism_megatron.launch.preemption import NONFINITE_EXIT, REQUEUE_EXIT
-from prism_megatron.launch.train import read_metrics
+from prism_megatron.launch.metrics import read_metrics
 from test_train import BIN, losses, prism_train, store, write_config  # noqa: F401  (store is a fixture)
 
 DIVERGE = ["--set", "optim.lr=1.0e+6"]

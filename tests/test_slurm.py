@@ -22,7 +22,7 @@ import psutil
 import pytest
 
 from prism_megatron.data_prep.store import TokenStore
-from prism_megatron.launch.train import read_metrics
+from prism_megatron.launch.metrics import read_metrics
 from prism_megatron.process_groups import free_port
 from test_train import losses, store, write_config  # noqa: F401  (store is a fixture)
 

@@ -2,6 +2,7 @@
 logs, determinism, bitwise resume after a crash, a damaged checkpoint, two data-parallel ranks."""
 
 import json
+import os
 import subprocess
 import sys
 import sysconfig
@@ -17,7 +18,8 @@ from prism_megatron.data_prep.tokenizer import train_tokenizer
 from prism_megatron.flops import PEAK_FLOPS_ENV, step_flops
 from prism_megatron.launch.checkpoint.format import COMPLETE
 from prism_megatron.launch.config import load_config
-from prism_megatron.launch.train import lr_at, read_metrics
+from prism_megatron.launch.engine import lr_at
+from prism_megatron.launch.metrics import read_metrics
 
 BIN = Path(sys.executable).parent
 STEPS = 6
@@ -223,6 +225,21 @@ def test_no_mfu_without_a_peak(tmp_path, store, monkeypatch):
     result = prism_train("--config", write_config(tmp_path, store, training={"train_steps": 2}))
     assert f"no MFU: the peak FLOP/s of the CPU is unknown (set {PEAK_FLOPS_ENV})" in result.stdout
     assert not [r for r in read_metrics(tmp_path / "tb") if "mfu" in r]
+
+
+def test_commands_print_their_own_lines_first(tmp_path, store):
+    """What a user sees in the terminal (both streams, unbuffered) starts with our lines: none of
+    megatron-core's or DeepSpeed's start-up chatter, before them or after."""
+    chatter = ["Transformer Engine", "Megatron-FSDP", "Megatron Core", "built successfully", "gcc "]
+    config = write_config(tmp_path, store, training={"train_steps": 2})
+    commands = {"model: ": [BIN / "prism-train", "--config", config],
+                str(tmp_path / "ckpt" / "step_00000002"): [BIN / "prism-ckpt", "inspect", tmp_path / "ckpt"]}
+    for first, command in commands.items():
+        result = subprocess.run(list(map(str, command)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        assert result.returncode == 0, result.stdout[-3000:]
+        assert result.stdout.startswith(first), result.stdout[:3000]
+        assert not [words for words in chatter if words in result.stdout], result.stdout[:3000]
 
 
 def test_resume_refuses_another_run_unless_allowed(tmp_path, store):
