@@ -196,22 +196,46 @@ def newest(ckpt_dir: str | Path) -> Path | None:
 
 
 def verify(path: Path) -> None:
-    """Raise CheckpointError naming the first file that is missing, not the size or not the hash recorded."""
+    """Raise CheckpointError naming the first file that is missing, not the size or not the hash
+    recorded, or saying that the checkpoint vanished or changed while it was read."""
     try:
-        files = json.loads((path / COMPLETE).read_text())["files"]
+        marker = (path / COMPLETE).read_text()
+        files = json.loads(marker)["files"]
         records = {name: (int(r["bytes"]), str(r["sha256"])) for name, r in files.items()}
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"checkpoint {path}: unreadable {COMPLETE} marker ({e})") from None
+        raise CheckpointError(vanished(path) or f"checkpoint {path}: unreadable {COMPLETE} marker ({e})") from None
     for name, (size, sha256) in records.items():
         f = path / name
-        if not f.is_file():
-            raise CheckpointError(f"checkpoint {path} is incomplete: {f} is missing")
-        if f.stat().st_size != size:
-            raise CheckpointError(f"checkpoint {path} is corrupt: {f} has {f.stat().st_size} bytes, "
-                                  f"{size} were written")
-        if _file_record(f)["sha256"] != sha256:
-            raise CheckpointError(f"checkpoint {path} is corrupt: {f} does not match its recorded sha256 "
-                                  "(its contents changed after it was written)")
+        try:
+            problem = _file_problem(f, size, sha256)
+        except FileNotFoundError:
+            problem = f"is incomplete: {f} is missing"
+        if problem:
+            raise CheckpointError(vanished(path, marker) or f"checkpoint {path} {problem}")
+
+
+def _file_problem(f: Path, size: int, sha256: str) -> str | None:
+    if not f.is_file():
+        return f"is incomplete: {f} is missing"
+    if f.stat().st_size != size:
+        return f"is corrupt: {f} has {f.stat().st_size} bytes, {size} were written"
+    if _file_record(f)["sha256"] != sha256:
+        return f"is corrupt: {f} does not match its recorded sha256 (its contents changed after it was written)"
+    return None
+
+
+def vanished(path: Path, marker: str | None = None) -> str | None:
+    """Why a checkpoint being read is no longer the one the reader started on, or None: its folder
+    or COMPLETE marker is gone, or the marker no longer reads `marker` (another run pruning or
+    rewriting the folder, most likely)."""
+    try:
+        now = (path / COMPLETE).read_text()
+    except OSError:
+        now = None
+    if now is not None and (marker is None or now == marker):
+        return None
+    return (f"checkpoint {path} vanished or changed while being read: another run may be writing "
+            f"{path.parent}")
 
 
 def read_layout(path: Path) -> Layout:
@@ -219,8 +243,9 @@ def read_layout(path: Path) -> Layout:
         record = json.loads((path / LAYOUT).read_text())
         return Layout(record["tensor_parallel"], record["data_parallel"], record["zero_stage"])
     except (OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"checkpoint {path}: no readable {LAYOUT} ({e}); it was written before "
-                              "checkpoints recorded their layout and resumes only at the layout that wrote it") from None
+        raise CheckpointError(vanished(path) or f"checkpoint {path}: no readable {LAYOUT} ({e}); it was written "
+                              "before checkpoints recorded their layout and resumes only at the layout that "
+                              "wrote it") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -295,7 +320,7 @@ def _load_same_layout(engine, path: Path) -> TrainState:
     except CheckpointError:
         raise
     except Exception as e:  # DeepSpeed raises many types for a damaged file
-        raise CheckpointError(f"checkpoint {path} cannot be loaded: {type(e).__name__}: {e}") from e
+        raise CheckpointError(vanished(path) or f"checkpoint {path} cannot be loaded: {type(e).__name__}: {e}") from e
     if load_path is None or client_state is None or "consumed_samples" not in client_state:
         raise CheckpointError(f"checkpoint {path} cannot be loaded: DeepSpeed found no usable state in it")
     _set_rng_state(client_state["rng"][dist.get_rank()])

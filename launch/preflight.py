@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
-from prism_megatron.launch.checkpoint import COMPLETE, CheckpointError
+from prism_megatron.launch.checkpoint import COMPLETE, CheckpointError, vanished
 from prism_megatron.launch.config import ConfigError, RunConfig, to_dict
 
 RUN_CONFIG_FILE = "run_config.json"
@@ -91,7 +91,7 @@ def check_resume(cfg: RunConfig, checkpoint: Path, allow_change: Iterable[str]) 
         recorded = json.loads(path.read_text())
         step = json.loads((checkpoint / COMPLETE).read_text())["step"]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"checkpoint {checkpoint}: cannot read its run record ({e})") from None
+        raise CheckpointError(vanished(checkpoint) or f"checkpoint {checkpoint}: cannot read its run record ({e})") from None
     if not isinstance(recorded, dict):
         raise CheckpointError(f"{path}: not a JSON object of config sections")
     old = _flatten(recorded)
