@@ -9,11 +9,13 @@ newest checkpoint if asked, then step, evaluate, log and checkpoint until `train
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
 import os
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -24,7 +26,8 @@ import torch
 import torch.distributed as dist
 
 from prism_megatron.data_prep.store import TokenStoreError
-from prism_megatron.launch import checkpoint, preemption, preflight
+from prism_megatron.files import DiskError, disk_error_reason, disk_errors_named
+from prism_megatron.launch import checkpoint, disk_space, preemption, preflight, run_lock
 from prism_megatron.launch.config import ConfigError, RunConfig, TrainingConfig, load_config, to_dict
 
 log = logging.getLogger("prism-train")
@@ -65,7 +68,11 @@ def main(argv: list[str] | None = None) -> None:
         preemption.write_status(e.exit_code, str(e))
         print(f"prism-train: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
-    except (ConfigError, checkpoint.CheckpointError, TokenStoreError) as e:
+    except DiskError as e:
+        preemption.write_status(preemption.DISK_EXIT, str(e))
+        print(f"prism-train: error: {e}", file=sys.stderr)
+        sys.exit(preemption.DISK_EXIT)
+    except (ConfigError, checkpoint.CheckpointError, TokenStoreError, run_lock.RunLockError) as e:
         preemption.write_status(1, str(e))
         sys.exit(f"prism-train: error: {e}")
     preemption.write_status(0, "finished")
@@ -77,6 +84,10 @@ def train(cfg: RunConfig, resume: bool = False, progress=None, allow_change: Seq
     ckpt_dir = Path(cfg.checkpoint.dir)
     # Check the inputs, and pick (and check) the checkpoint, before any heavy start-up: bad ones fail fast.
     preflight.check_start(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    # The folder is this run's alone, from before the resume picks a checkpoint to the end (rank 0 holds it).
+    lock = run_lock.RunLock(ckpt_dir, cfg.training.fault_timeout) if os.environ.get("RANK", "0") == "0" else None
+    if lock is not None and (took_over := lock.acquire()):
+        log.warning(took_over)
     # From here on a preemption signal only sets a flag, which the loop checks once a step.
     stop = preemption.StopRequest()
     start_from = checkpoint.newest(ckpt_dir) if resume else None
@@ -107,6 +118,8 @@ def train(cfg: RunConfig, resume: bool = False, progress=None, allow_change: Seq
     # Counted before ZeRO-3 can partition the parameters away.
     summary = RunSummary(num_parameters=model.num_parameters(), tensorboard_dir=cfg.logging.tensorboard_dir)
     engine, optimizer = build_engine(cfg, model)
+    save_bytes = disk_space.state_bytes(summary.num_parameters, weight_bytes=2 if use_bf16(t) else 4)
+    disk_space.require_room(ckpt_dir, save_bytes)  # a full disk stops the run before it trains
 
     tokens_per_step = t.global_batch_size * cfg.data.seq_length
     progress(f"model: {summary.num_parameters:,} parameters, solver {cfg.model.solver} | {dist.get_world_size()} "
@@ -175,8 +188,12 @@ def train(cfg: RunConfig, resume: bool = False, progress=None, allow_change: Seq
             raise preemption.RunStopped(
                 f"step {state.step}: the weights are not finite, no checkpoint written "
                 f"(the last good one: {good[-1] if good else 'none'})", preemption.NONFINITE_EXIT)
+        if lock is not None:
+            lock.check()
+        disk_space.require_room(ckpt_dir, save_bytes)
         started = time.perf_counter()
-        path = checkpoint.save(engine, ckpt_dir, state, to_dict(cfg), cfg.checkpoint.keep_last)
+        with disk_space.removed_if_refused(ckpt_dir, state.step, save_bytes):
+            path = checkpoint.save(engine, ckpt_dir, state, to_dict(cfg), cfg.checkpoint.keep_last)
         progress(f"saved checkpoint {path} in {time.perf_counter() - started:.2f} s")
         watchdog.beat("a save")
         return path
@@ -190,6 +207,8 @@ def train(cfg: RunConfig, resume: bool = False, progress=None, allow_change: Seq
         if metrics is not None:
             metrics.close()
         destroy_parallel()
+        if lock is not None:
+            lock.release()
 
     def at(step: int) -> str:
         return f"step {step:>{len(str(t.train_steps))}}/{t.train_steps}"
@@ -382,20 +401,27 @@ class MetricsLog:
     def __init__(self, folder: str):
         from torch.utils.tensorboard import SummaryWriter
 
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        self.writer = SummaryWriter(folder)
-        self.jsonl = open(Path(folder) / METRICS_FILE, "a")
+        # A full disk is one line naming the folder (DiskError), never a traceback. TensorBoard
+        # writes from a thread of its own, whose disk error the next record() raises.
+        self.where = f"logging.tensorboard_dir {folder}"
+        threading.excepthook = functools.partial(_quiet_disk_errors, threading.excepthook)
+        with disk_errors_named(self.where):
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            self.writer = SummaryWriter(folder)
+            self.jsonl = open(Path(folder) / METRICS_FILE, "a")
 
     def record(self, values: dict) -> None:
-        for key, value in values.items():
-            if key in self._SCALARS:
-                self.writer.add_scalar(self._SCALARS[key], value, values["step"])
-        self.jsonl.write(json.dumps(values) + "\n")
-        self.jsonl.flush()
+        with disk_errors_named(self.where):
+            for key, value in values.items():
+                if key in self._SCALARS:
+                    self.writer.add_scalar(self._SCALARS[key], value, values["step"])
+            self.jsonl.write(json.dumps(values) + "\n")
+            self.jsonl.flush()
 
     def close(self) -> None:
-        self.writer.close()
-        self.jsonl.close()
+        with disk_errors_named(self.where):
+            self.writer.close()
+            self.jsonl.close()
 
 
 def read_metrics(folder: str | Path) -> list[dict]:
@@ -405,6 +431,11 @@ def read_metrics(folder: str | Path) -> list[dict]:
         record = json.loads(line)
         latest[(record["step"], tuple(sorted(record)))] = record
     return sorted(latest.values(), key=lambda r: r["step"])
+
+
+def _quiet_disk_errors(hook, args) -> None:
+    if disk_error_reason(args.exc_value) is None:
+        hook(args)
 
 
 def _record(metrics: MetricsLog | None, values: dict) -> None:
