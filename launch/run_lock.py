@@ -61,6 +61,8 @@ class Holder:
 
 
 class RunLock:
+    """The lock of one checkpoint folder, as one run holds it (see the module's docstring)."""
+
     def __init__(self, folder: str | os.PathLike, stale_after: float):
         self.folder = Path(folder)
         self.path = self.folder / LOCK_FILE
@@ -74,7 +76,8 @@ class RunLock:
     def acquire(self) -> str | None:
         """Hold the folder's lock, taking over one whose holder is gone (returning a line saying
         so); raise RunLockError naming a live holder."""
-        self.folder.mkdir(parents=True, exist_ok=True)
+        with disk_errors_named(f"checkpoint.dir {self.folder}"):
+            self.folder.mkdir(parents=True, exist_ok=True)
         took_over = None
         for _ in range(_ATTEMPTS):
             if self._create():

@@ -20,7 +20,7 @@ class DiskError(OSError):
         self.reason = reason
 
 
-def disk_error_reason(error: BaseException) -> str | None:
+def disk_error_reason(error: BaseException | None) -> str | None:
     """The system's words if `error` (or an exception it was raised from) is a write the storage
     refused, else None. torch.save reports these as a plain RuntimeError carrying only the words."""
     seen = set()
