@@ -13,6 +13,7 @@ from prism_megatron.data_prep import sources, tokenize
 from prism_megatron.data_prep.store import TokenStore, TokenStoreError, merge_stores
 from prism_megatron.data_prep.tokenizer import (Tokenizer, TokenizerError, adopt_tokenizer,
                                                 same_tokenizer, train_tokenizer)
+from prism_megatron.files import DiskError, disk_errors_named
 
 
 SAMPLE_TOKENS = 200
@@ -178,8 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
-    except (FileNotFoundError, TokenStoreError, TokenizerError, ValueError,
+        # A full disk (or a quota, a failing device) is one line naming what was being written.
+        with disk_errors_named(getattr(args, "output", None) or args.command):
+            return args.run(args)
+    except (FileNotFoundError, DiskError, TokenStoreError, TokenizerError, ValueError,
             tokenize.WorkerError) as e:
         print(f"prism-prep {args.command}: error: {e}", file=sys.stderr)
         return 1

@@ -32,7 +32,7 @@ from prism_megatron.data_prep.sources import (FileReport, InputError, Piece, Pro
 from prism_megatron.data_prep.store import (ShardInfo, ShardWriter, read_shard_info,
                                             token_dtype_for, write_manifest)
 from prism_megatron.data_prep.tokenizer import Tokenizer
-from prism_megatron.files import write_atomic
+from prism_megatron.files import disk_error_reason, write_atomic
 
 PREP_DIR = ".prep"  # plan, lock and per-shard done-files of a run in progress
 SHARD_BYTES = 64 << 20  # small enough that 2 workers finish together on a 1 GB corpus
@@ -167,7 +167,8 @@ def tokenize_shard(task: ShardTask, tokenizer: Tokenizer, documents_done, bytes_
             info = writer.commit()
     except Exception as e:
         files = ", ".join(dict.fromkeys(p.path for p in task.pieces))
-        raise WorkerError(f"writing shard {task.shard_path} from {files} failed: {e!r}") from e
+        raise WorkerError(f"writing shard {task.shard_path} from {files} failed: "
+                          f"{disk_error_reason(e) or repr(e)}") from e
     _count(bytes_read, progress.bytes - reported)
     record = {"shard": dataclasses.asdict(info),
               "pieces": [dataclasses.asdict(p) for p in task.pieces],

@@ -57,10 +57,12 @@ class TrainingConfig:
     zero_stage: int = 1
     # "auto": bf16 where the device supports it, fp32 otherwise.
     precision: str = "auto"
-    # A step whose loss or gradient norm is not finite is never applied. "skip": count it, log it,
-    # go on; "stop": exit non-zero after nonfinite_patience of them in a row.
+    # A step whose loss or gradient norm is not finite is never applied: the run logs it, goes on,
+    # and stops (exit code 65) after nonfinite_patience of them in a row, since such a run no longer
+    # makes progress. "skip" rides out transient spikes, "stop" ends a broken run soon: unless set,
+    # the patience is NONFINITE_PATIENCE's for the mode (10 for skip, 3 for stop).
     nonfinite: str = "skip"
-    nonfinite_patience: int = 3
+    nonfinite_patience: int | None = None
     # Seconds without progress (a step, an evaluation batch, a save) before a rank gives up on a
     # peer that died or hangs; also the collectives' timeout.
     fault_timeout: float = 900.0
@@ -95,6 +97,8 @@ class RunConfig:
 
 PRECISIONS = ("auto", "bf16", "fp32")
 NONFINITE_MODES = ("skip", "stop")
+# training.nonfinite_patience when it is not set, per training.nonfinite mode.
+NONFINITE_PATIENCE = {"skip": 10, "stop": 3}
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
@@ -185,7 +189,8 @@ def validate(cfg: RunConfig, source: str) -> None:
     check(t.zero_stage in (1, 2, 3), "training.zero_stage", "must be 1, 2 or 3")
     check(t.precision in PRECISIONS, "training.precision", f"must be one of {PRECISIONS}")
     check(t.nonfinite in NONFINITE_MODES, "training.nonfinite", f"must be one of {NONFINITE_MODES}")
-    check(t.nonfinite_patience > 0, "training.nonfinite_patience", "must be > 0")
+    check(t.nonfinite_patience is None or t.nonfinite_patience > 0, "training.nonfinite_patience",
+          "must be > 0 (or null: 10 for skip, 3 for stop)")
     check(t.fault_timeout > 0, "training.fault_timeout", "must be > 0 (seconds)")
     check(bool(c.dir), "checkpoint.dir", "must name a folder")
     check(c.save_interval > 0, "checkpoint.save_interval", "must be > 0")

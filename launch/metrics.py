@@ -3,8 +3,12 @@ written by rank 0 (`MetricsLog`) and read back by the tests, the quality harness
 tests (`read_metrics`)."""
 from __future__ import annotations
 
+import functools
 import json
+import threading
 from pathlib import Path
+
+from prism_megatron.files import disk_error_reason, disk_errors_named
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -23,20 +27,27 @@ class MetricsLog:
     def __init__(self, folder: str):
         from torch.utils.tensorboard import SummaryWriter
 
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        self.writer = SummaryWriter(folder)
-        self.jsonl = open(Path(folder) / METRICS_FILE, "a")
+        # A full disk is one line naming the folder (DiskError), never a traceback. TensorBoard
+        # writes from a thread of its own, whose disk error the next record() raises.
+        self.where = f"logging.tensorboard_dir {folder}"
+        threading.excepthook = functools.partial(_quiet_disk_errors, threading.excepthook)
+        with disk_errors_named(self.where):
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            self.writer = SummaryWriter(folder)
+            self.jsonl = open(Path(folder) / METRICS_FILE, "a")
 
     def record(self, values: dict) -> None:
-        for key, value in values.items():
-            if key in self._SCALARS:
-                self.writer.add_scalar(self._SCALARS[key], value, values["step"])
-        self.jsonl.write(json.dumps(values) + "\n")
-        self.jsonl.flush()
+        with disk_errors_named(self.where):
+            for key, value in values.items():
+                if key in self._SCALARS:
+                    self.writer.add_scalar(self._SCALARS[key], value, values["step"])
+            self.jsonl.write(json.dumps(values) + "\n")
+            self.jsonl.flush()
 
     def close(self) -> None:
-        self.writer.close()
-        self.jsonl.close()
+        with disk_errors_named(self.where):
+            self.writer.close()
+            self.jsonl.close()
 
 
 def read_metrics(folder: str | Path) -> list[dict]:
@@ -46,3 +57,8 @@ def read_metrics(folder: str | Path) -> list[dict]:
         record = json.loads(line)
         latest[(record["step"], tuple(sorted(record)))] = record
     return sorted(latest.values(), key=lambda r: r["step"])
+
+
+def _quiet_disk_errors(hook, args) -> None:
+    if disk_error_reason(args.exc_value) is None:
+        hook(args)

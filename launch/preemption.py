@@ -7,7 +7,8 @@ steps whose loss or gradient norm is not finite.
 - `Watchdog`: a rank that sees no progress for `training.fault_timeout` seconds (a peer died or
   hangs inside a collective) exits the process, so the job ends instead of waiting forever.
 - `NonFiniteSteps`: `training.nonfinite: skip | stop` for steps with a non-finite loss or
-  gradient norm; DeepSpeed skips their update (checked, never assumed).
+  gradient norm; DeepSpeed skips their update (checked, never assumed); `nonfinite_patience` of
+  them in a row end the run under either mode.
 - `write_status`: torchrun turns every failing exit code of its workers into 1, so rank 0 also
   writes its exit code and reason to `$PRISM_STATUS_FILE`, which the batch script reads to decide
   between requeueing and stopping.
@@ -26,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from prism_megatron.files import write_atomic
+from prism_megatron.launch.config import NONFINITE_PATIENCE
 
 log = logging.getLogger("prism-train")
 
@@ -34,10 +36,11 @@ STOP_FILE_ENV = "PRISM_STOP_FILE"
 STATUS_FILE_ENV = "PRISM_STATUS_FILE"
 
 # Exit codes (sysexits.h): saved and stopped, run me again | stopped on diverged training |
-# the watchdog gave up on a dead or hung peer.
+# the watchdog gave up on a dead or hung peer | the storage refused a write (full, over quota, failing).
 REQUEUE_EXIT = 75
 NONFINITE_EXIT = 65
 FAULT_EXIT = 70
+DISK_EXIT = 74
 
 
 class RunStopped(Exception):
@@ -112,16 +115,18 @@ class Watchdog:
 
 
 class NonFiniteSteps:
-    """Counts steps whose loss or gradient norm is not finite and applies `training.nonfinite`."""
+    """Counts steps whose loss or gradient norm is not finite and applies `training.nonfinite`
+    and `nonfinite_patience` (None: the mode's NONFINITE_PATIENCE)."""
 
-    def __init__(self, mode: str, patience: int):
-        self.mode, self.patience = mode, patience
+    def __init__(self, mode: str, patience: int | None):
+        self.mode = mode
+        self.patience = NONFINITE_PATIENCE[mode] if patience is None else patience
         self.skipped = 0
         self.in_a_row = 0
 
     def check(self, step: int, loss: float, grad_norm: float, update_skipped: bool) -> str | None:
-        """A log line for a non-finite step (None for a finite one); raise RunStopped in `stop`
-        mode after `patience` of them in a row."""
+        """A log line for a non-finite step (None for a finite one); raise RunStopped after
+        `patience` of them in a row."""
         if math.isfinite(loss) and math.isfinite(grad_norm):
             self.in_a_row = 0
             return None
@@ -131,10 +136,12 @@ class NonFiniteSteps:
                              "trustworthy, stopping without a checkpoint", NONFINITE_EXIT)
         self.skipped += 1
         self.in_a_row += 1
-        if self.mode == "stop" and self.in_a_row >= self.patience:
-            raise RunStopped(f"training.nonfinite=stop: {self.in_a_row} steps in a row up to step {step} "
-                             f"had a non-finite loss or gradient norm (loss {loss}, grad norm "
-                             f"{grad_norm}); stopped without saving", NONFINITE_EXIT)
+        if self.in_a_row >= self.patience:
+            diverged = "; the run has diverged" if self.mode == "skip" else ""
+            raise RunStopped(f"training.nonfinite={self.mode}: {self.in_a_row} steps in a row up to step {step} "
+                             f"had a non-finite loss or gradient norm (loss {loss}, grad norm {grad_norm})"
+                             f"{diverged}; stopped without saving (training.nonfinite_patience="
+                             f"{self.patience})", NONFINITE_EXIT)
         return (f"step {step}: loss {loss} / grad norm {grad_norm} not finite: update skipped "
                 f"({self.skipped} skipped in all, {self.in_a_row} in a row)")
 
@@ -153,7 +160,11 @@ def weights_finite(model: torch.nn.Module, device) -> bool:
 
 
 def write_status(exit_code: int, message: str) -> None:
-    """Rank 0 records how the run ended for the batch script (when it asks, via the environment)."""
+    """Rank 0 records how the run ended for the batch script (when it asks, via the environment).
+    Where that fails too (the same full disk), the script counts the run as a failure."""
     path = os.environ.get(STATUS_FILE_ENV)
     if path and os.environ.get("RANK", "0") == "0":
-        write_atomic(path, f"{exit_code} {message}\n")
+        try:
+            write_atomic(path, f"{exit_code} {message}\n")
+        except OSError as e:
+            log.error(f"prism-train: cannot record the exit code in {path}: {e}")

@@ -40,6 +40,10 @@ RESUME_MAY_CHANGE: dict[str, bool] = {
     # split into micro batches (the global batch itself is compared above).
     "training.train_steps": True,
     "training.micro_batch_size": True,
+    # How the run reacts to faults (non-finite steps, a dead or hung peer), not what it computes.
+    "training.nonfinite": True,
+    "training.nonfinite_patience": True,
+    "training.fault_timeout": True,
     # Where and how often the run writes and reports: not what it computes.
     "checkpoint": True,
     "logging": True,

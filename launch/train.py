@@ -17,8 +17,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from prism_megatron.data_prep.store import TokenStoreError
-from prism_megatron.launch import checkpoint, preemption, preflight
+from prism_megatron.files import DiskError
+from prism_megatron.launch import checkpoint, preemption, preflight, run_lock
 from prism_megatron.launch.config import ConfigError, RunConfig, load_config
+
+log = logging.getLogger("prism-train")
 
 if TYPE_CHECKING:
     from prism_megatron.launch.trainer import RunSummary
@@ -44,7 +47,11 @@ def main(argv: list[str] | None = None) -> None:
         preemption.write_status(e.exit_code, str(e))
         print(f"prism-train: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
-    except (ConfigError, checkpoint.CheckpointError, TokenStoreError) as e:
+    except DiskError as e:
+        preemption.write_status(preemption.DISK_EXIT, str(e))
+        print(f"prism-train: error: {e}", file=sys.stderr)
+        sys.exit(preemption.DISK_EXIT)
+    except (ConfigError, checkpoint.CheckpointError, TokenStoreError, run_lock.RunLockError) as e:
         preemption.write_status(1, str(e))
         sys.exit(f"prism-train: error: {e}")
     preemption.write_status(0, "finished")
@@ -55,6 +62,19 @@ def train(cfg: RunConfig, resume: bool = False, progress=None, allow_change: Seq
     A resumed run may change the keys in `allow_change` from the checkpoint's config."""
     # Check the inputs, and pick (and check) the checkpoint, before any heavy start-up: bad ones fail fast.
     preflight.check_start(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    # The folder is this run's alone, from before the resume picks a checkpoint to the end (rank 0 holds it).
+    lock = run_lock.RunLock(cfg.checkpoint.dir, cfg.training.fault_timeout) if os.environ.get("RANK", "0") == "0" else None
+    if lock is not None and (took_over := lock.acquire()):
+        log.warning(took_over)
+    try:
+        return _train_holding_the_folder(cfg, resume, progress, allow_change, lock)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_holding_the_folder(cfg: RunConfig, resume: bool, progress, allow_change: Sequence[str],
+                              lock: run_lock.RunLock | None) -> RunSummary:
     # From here on a preemption signal only sets a flag, which the loop checks once a step.
     stop = preemption.StopRequest()
     start_from = _checkpoint_to_resume(cfg, resume)
@@ -67,7 +87,7 @@ def train(cfg: RunConfig, resume: bool = False, progress=None, allow_change: Seq
 
     # A bare call becomes rank 0 of 1 (and sets RANK etc., which DeepSpeed needs to skip MPI discovery).
     initialize_parallel(cfg.parallel, cfg.training.seed, timeout=cfg.training.fault_timeout)
-    trainer = Trainer(cfg, stop, progress)
+    trainer = Trainer(cfg, stop, progress, lock)
     try:
         trainer.build(stores, start_from, resume, config_changes)
         return trainer.train()

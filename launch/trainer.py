@@ -24,10 +24,12 @@ from prism_megatron.data_prep.store import TokenStore
 from prism_megatron.data_prep.verify import ShardVerifier
 from prism_megatron.flops import PEAK_FLOPS_ENV, mfu, peak_flops, step_flops
 from prism_megatron.launch import checkpoint, preemption
+from prism_megatron.launch.checkpoint import disk_space
 from prism_megatron.launch.config import RunConfig, to_dict
 from prism_megatron.launch.engine import build_engine, dp_mean, forward, grad_accumulation_steps, use_bf16
 from prism_megatron.launch.evaluate import Evaluator
 from prism_megatron.launch.metrics import MetricsLog
+from prism_megatron.launch.run_lock import RunLock
 from prism_megatron.model import PrismLM
 from prism_megatron.process_groups import data_rank, data_size, deepspeed_mpu, destroy_parallel
 
@@ -54,8 +56,9 @@ def every(step: int, interval: int, last: int) -> bool:
 class Trainer:
     """One run's parts and its loop. Call after initialize_parallel; `close` leaves the process groups."""
 
-    def __init__(self, cfg: RunConfig, stop: preemption.StopRequest, progress: Callable[[str], None] | None = None):
-        self.cfg, self.stop = cfg, stop
+    def __init__(self, cfg: RunConfig, stop: preemption.StopRequest, progress: Callable[[str], None] | None = None,
+                 lock: RunLock | None = None):
+        self.cfg, self.stop, self.lock = cfg, stop, lock
         self.rank0 = dist.get_rank() == 0
         # Rank 0 hands its progress lines to `progress` (default: the log); the others say nothing.
         self.progress = (progress or log.info) if self.rank0 else (lambda line: None)
@@ -79,7 +82,9 @@ class Trainer:
         self.watchdog = preemption.Watchdog(t.fault_timeout)
         self.nonfinite = preemption.NonFiniteSteps(t.nonfinite, t.nonfinite_patience)
         self.evaluator = Evaluator(valid, self.engine, self.mpu.get_data_parallel_group(), self.stop, self.watchdog)
-        self.checkpoints = Checkpoints(cfg, self.engine, self.model, self.watchdog, self.progress)
+        self.checkpoints = Checkpoints(cfg, self.engine, self.model, self.watchdog, self.progress, self.lock,
+                                       disk_space.state_bytes(self.summary.num_parameters, 2 if use_bf16(t) else 4))
+        self.checkpoints.require_room()  # a full disk stops the run before it trains
 
     def _build_engine(self) -> None:
         """The model, the DeepSpeed engine and its optimizer; the log line that says what they are."""
@@ -270,10 +275,16 @@ class Checkpoints:
     and the saving, never of non-finite weights; the log says how long each save took."""
 
     def __init__(self, cfg: RunConfig, engine, model: torch.nn.Module, watchdog: preemption.Watchdog,
-                 progress: Callable[[str], None]):
+                 progress: Callable[[str], None], lock: RunLock | None, estimated_bytes: int):
+        """`lock`: rank 0's hold on the folder (None elsewhere); `estimated_bytes`: what the first
+        save will take (disk_space.state_bytes)."""
         self.cfg, self.engine, self.model = cfg, engine, model
-        self.watchdog, self.progress = watchdog, progress
+        self.watchdog, self.progress, self.lock = watchdog, progress, lock
         self.folder = Path(cfg.checkpoint.dir)
+        self.estimated_bytes = estimated_bytes
+
+    def require_room(self) -> None:
+        disk_space.require_room(self.folder, self.estimated_bytes)
 
     def due(self, step: int) -> bool:
         return every(step, self.cfg.checkpoint.save_interval, self.cfg.training.train_steps)
@@ -286,8 +297,12 @@ class Checkpoints:
             raise preemption.RunStopped(
                 f"step {state.step}: the weights are not finite, no checkpoint written "
                 f"(the last good one: {good[-1] if good else 'none'})", preemption.NONFINITE_EXIT)
+        if self.lock is not None:
+            self.lock.check()
+        self.require_room()
         started = time.perf_counter()
-        path = checkpoint.save(self.engine, self.folder, state, to_dict(self.cfg), self.cfg.checkpoint.keep_last)
+        with disk_space.removed_if_refused(self.folder, state.step, self.estimated_bytes):
+            path = checkpoint.save(self.engine, self.folder, state, to_dict(self.cfg), self.cfg.checkpoint.keep_last)
         self.progress(f"saved checkpoint {path} in {time.perf_counter() - started:.2f} s")
         self.watchdog.beat("a save")
         return path

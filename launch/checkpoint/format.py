@@ -89,20 +89,45 @@ def newest(ckpt_dir: str | Path) -> Path | None:
 
 
 def verify(path: Path) -> None:
-    """Raise CheckpointError if `path` is not committed, or naming the first file that is missing,
-    not the size or not the hash recorded."""
+    """Raise CheckpointError if `path` is not committed, naming the first file that is missing, not
+    the size or not the hash recorded, or saying that the checkpoint vanished or changed while read."""
     if not is_committed(path):
         raise CheckpointError(f"{path} has no {COMPLETE} marker (a save that did not finish)")
+    marker = _marker_text(path)
     for name, (size, sha256) in _read_complete(path)[1].items():
-        f = path / name
-        if not f.is_file():
-            raise CheckpointError(f"checkpoint {path} is incomplete: {f} is missing")
-        if f.stat().st_size != size:
-            raise CheckpointError(f"checkpoint {path} is corrupt: {f} has {f.stat().st_size} bytes, "
-                                  f"{size} were written")
-        if file_record(f)["sha256"] != sha256:
-            raise CheckpointError(f"checkpoint {path} is corrupt: {f} does not match its recorded sha256 "
-                                  "(its contents changed after it was written)")
+        try:
+            problem = _file_problem(path / name, size, sha256)
+        except FileNotFoundError:
+            problem = f"is incomplete: {path / name} is missing"
+        if problem:
+            raise CheckpointError(vanished(path, marker) or f"checkpoint {path} {problem}")
+
+
+def _file_problem(f: Path, size: int, sha256: str) -> str | None:
+    if not f.is_file():
+        return f"is incomplete: {f} is missing"
+    if f.stat().st_size != size:
+        return f"is corrupt: {f} has {f.stat().st_size} bytes, {size} were written"
+    if file_record(f)["sha256"] != sha256:
+        return f"is corrupt: {f} does not match its recorded sha256 (its contents changed after it was written)"
+    return None
+
+
+def _marker_text(path: Path) -> str | None:
+    try:
+        return (path / COMPLETE).read_text()
+    except OSError:
+        return None
+
+
+def vanished(path: Path, marker: str | None = None) -> str | None:
+    """Why a checkpoint being read is no longer the one the reader started on, or None: its folder
+    or COMPLETE marker is gone, or the marker no longer reads `marker` (another run pruning or
+    rewriting the folder, most likely)."""
+    now = _marker_text(path)
+    if now is not None and (marker is None or now == marker):
+        return None
+    return f"checkpoint {path} vanished or changed while being read: another run may be writing {path.parent}"
 
 
 def file_record(f: Path) -> dict:
@@ -119,7 +144,7 @@ def _read_complete(path: Path) -> tuple[int, dict[str, tuple[int, str]]]:
         record = json.loads((path / COMPLETE).read_text())
         return int(record["step"]), {name: (int(r["bytes"]), str(r["sha256"])) for name, r in record["files"].items()}
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"checkpoint {path}: unreadable {COMPLETE} marker ({e})") from None
+        raise CheckpointError(vanished(path) or f"checkpoint {path}: unreadable {COMPLETE} marker ({e})") from None
 
 
 def read_step(path: Path) -> int:
@@ -135,7 +160,7 @@ def read_run_config(path: Path) -> dict:
     try:
         record = json.loads(run_config_file(path).read_text())
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {path}: no readable {RUN_CONFIG} ({e})") from None
+        raise CheckpointError(vanished(path) or f"checkpoint {path}: no readable {RUN_CONFIG} ({e})") from None
     if not isinstance(record, dict):
         raise CheckpointError(f"{run_config_file(path)}: not a JSON object of config sections")
     return record
@@ -153,8 +178,9 @@ def read_layout(path: Path) -> Layout:
         record = json.loads((path / LAYOUT).read_text())
         return Layout(record["tensor_parallel"], record["data_parallel"], record["zero_stage"])
     except (OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"checkpoint {path}: no readable {LAYOUT} ({e}); it was written before "
-                              "checkpoints recorded their layout and resumes only at the layout that wrote it") from None
+        raise CheckpointError(vanished(path) or f"checkpoint {path}: no readable {LAYOUT} ({e}); it was written "
+                              "before checkpoints recorded their layout and resumes only at the layout that "
+                              "wrote it") from None
 
 
 def read_shard_specs(path: Path) -> dict:

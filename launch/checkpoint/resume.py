@@ -10,7 +10,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from prism_megatron.launch.checkpoint.commit import TrainState, current_layout
-from prism_megatron.launch.checkpoint.format import LAYOUT_FREE, CheckpointError, read_layout, verify
+from prism_megatron.launch.checkpoint.format import LAYOUT_FREE, CheckpointError, read_layout, vanished, verify
 from prism_megatron.launch.checkpoint.layout_free import convert, layout_free_intact, load_layout_free
 from prism_megatron.launch.checkpoint.rng import set_rng_state
 from prism_megatron.launch.checkpoint.safe_load import safe_checkpoint_engine
@@ -49,7 +49,7 @@ def _load_same_layout(engine, path: Path) -> TrainState:
     except CheckpointError:
         raise
     except Exception as e:  # DeepSpeed raises many types for a damaged file
-        raise CheckpointError(f"checkpoint {path} cannot be loaded: {type(e).__name__}: {e}") from e
+        raise CheckpointError(vanished(path) or f"checkpoint {path} cannot be loaded: {type(e).__name__}: {e}") from e
     if load_path is None or client_state is None or "consumed_samples" not in client_state:
         raise CheckpointError(f"checkpoint {path} cannot be loaded: DeepSpeed found no usable state in it")
     set_rng_state(client_state["rng"][dist.get_rank()])
