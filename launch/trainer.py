@@ -69,6 +69,10 @@ class Trainer:
         """The parts, in order: model and engine, the state to start from, data, records, watchdog."""
         cfg, t = self.cfg, self.cfg.training
         self._build_engine()
+        # What the first save will take; a full disk stops the run before anything is written (a
+        # resume at another layout writes its layout-free form).
+        save_bytes = disk_space.state_bytes(self.summary.num_parameters, 2 if use_bf16(t) else 4)
+        disk_space.require_room(Path(cfg.checkpoint.dir), save_bytes)
         self.metrics = Metrics(cfg, self.progress, self.rank0)
         self.progress(self.metrics.flops_line())
         self.state = self._restore(start_from, resume, config_changes)
@@ -83,8 +87,7 @@ class Trainer:
         self.nonfinite = preemption.NonFiniteSteps(t.nonfinite, t.nonfinite_patience)
         self.evaluator = Evaluator(valid, self.engine, self.mpu.get_data_parallel_group(), self.stop, self.watchdog)
         self.checkpoints = Checkpoints(cfg, self.engine, self.model, self.watchdog, self.progress, self.lock,
-                                       disk_space.state_bytes(self.summary.num_parameters, 2 if use_bf16(t) else 4))
-        self.checkpoints.require_room()  # a full disk stops the run before it trains
+                                       save_bytes)
 
     def _build_engine(self) -> None:
         """The model, the DeepSpeed engine and its optimizer; the log line that says what they are."""
@@ -283,9 +286,6 @@ class Checkpoints:
         self.folder = Path(cfg.checkpoint.dir)
         self.estimated_bytes = estimated_bytes
 
-    def require_room(self) -> None:
-        disk_space.require_room(self.folder, self.estimated_bytes)
-
     def due(self, step: int) -> bool:
         return every(step, self.cfg.checkpoint.save_interval, self.cfg.training.train_steps)
 
@@ -299,7 +299,7 @@ class Checkpoints:
                 f"(the last good one: {good[-1] if good else 'none'})", preemption.NONFINITE_EXIT)
         if self.lock is not None:
             self.lock.check()
-        self.require_room()
+        disk_space.require_room(self.folder, self.estimated_bytes)
         started = time.perf_counter()
         with disk_space.removed_if_refused(self.folder, state.step, self.estimated_bytes):
             path = checkpoint.save(self.engine, self.folder, state, to_dict(self.cfg), self.cfg.checkpoint.keep_last)

@@ -17,7 +17,7 @@ import pytest
 
 from prism_megatron.files import DiskError, disk_error_reason, folder_bytes, write_atomic
 from prism_megatron.launch import checkpoint
-from prism_megatron.launch.checkpoint import COMPLETE, committed, newest, read_layout, verify
+from prism_megatron.launch.checkpoint.format import COMPLETE, committed, newest, read_layout, verify
 from prism_megatron.launch.preemption import DISK_EXIT, NONFINITE_EXIT
 from prism_megatron.launch.run_lock import LOCK_FILE, RunLock, RunLockError
 from test_train import BIN, losses, prism_train, store, write_config  # noqa: F401  (store is a fixture)
