@@ -1,12 +1,12 @@
 """Context parallelism (CP): each sample's tokens are split into contiguous slices over the CP group,
-and ranks exchange fixed-size summaries instead of activations (PRISM.md section 6), so the CP size is
+and ranks exchange fixed-size summaries instead of activations (docs/PRISM.md section 6), so the CP size is
 not capped by the number of heads.
 
 - The recurrence is linear in (S, d) over value columns. One pass over a rank's slice from the
   augmented state [0 | I] (K x (V+K)) with directions [d | 0] ends in [E | M], where
   S_end = M S_start + E. The ranks all-gather their [E | M] (fp32), scan S_p = M_{p-1} S_{p-1} + E_{p-1}
   over their predecessors, and run the slice again from S_p. The first pass's outputs are discarded
-  (one extra pass of the recurrence; the correction of PRISM.md section 6 would avoid it). Gradients,
+  (one extra pass of the recurrence; the correction of docs/PRISM.md section 6 would avoid it). Gradients,
   dS_p back to earlier ranks included, come from autograd through a differentiable all-gather.
 - The short convolution gets the previous rank's last W-1 inputs (a halo), and global positions
   within each document, so a document crossing into the rank carries over and one starting on it resets.

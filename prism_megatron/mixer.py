@@ -1,4 +1,4 @@
-"""The PRISM mixer layer (PRISM.md section 3), sharded over TP by whole heads.
+"""The PRISM mixer layer (docs/PRISM.md section 3), sharded over TP by whole heads.
 
     x -> in_proj (one fused column-parallel GEMM) -> q^, k^, v^, [u^], z, a, [b]
       -> causal depthwise conv: SiLU on q, k, v; the anchor u = ShortConv(u^) has none

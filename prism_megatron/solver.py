@@ -1,7 +1,7 @@
 """The solvers (docs/SOLVERS.md): update directions, extra write keys and write strengths from the
 anchor u and the value v, per head and token.
 
-prism, the paper's (PRISM.md section 2, Eq. 9-16):
+prism, the paper's (docs/PRISM.md section 2, Eq. 9-16):
     r^1 = v - u;  for l = 1..L:  d^l = GELU((W_p^l u + bias_p^l) * r^l),  r^l+1 = r^l - d^l
     kappa^l = l2norm(W_k^l u) (l >= 2),  b^l = sigmoid(w_b^l . u + c^l)
 split, the authors' LM form: Gated DeltaNet's write of v along k (strength sigmoid(b)), then L writes

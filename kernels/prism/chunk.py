@@ -1,6 +1,6 @@
 """Chunk-parallel PRISM recurrence in Triton: forward and backward as one autograd function.
 
-The forward runs four kernels (PRISM.md section 4): solve.py (decay cumsum G and the triangular
+The forward runs four kernels (docs/PRISM.md section 4): solve.py (decay cumsum G and the triangular
 inverse T), wy.py (WY vectors W^ and pseudo-values U~), state.py (the inter-chunk state scan, which
 also forms U = U~ - W^ S_0) and output.py. The backward takes G, T, W^, U~, the chunk states and U
 from the forward, runs the reverse state scan, then the chunk-local gradients (local_grad.py: through
@@ -105,7 +105,7 @@ def chunk_prism_recurrence(
     cu_seqlens: torch.Tensor | None = None,
     table: PackedChunkTable | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The PRISM recurrence (contract: PRISM.md section 1, checked by op.py's prism_recurrence);
+    """The PRISM recurrence (contract: docs/PRISM.md section 1, checked by op.py's prism_recurrence);
     returns (o, final_state or None). `table`, cu_seqlens' chunk table built already, saves the host sync
     of building it here."""
     _check_kernel_limits(q, d)

@@ -1,4 +1,4 @@
-"""Chunk-parallel PRISM recurrence in plain PyTorch (PRISM.md section 4); gradients by autograd.
+"""Chunk-parallel PRISM recurrence in plain PyTorch (docs/PRISM.md section 4); gradients by autograd.
 
 Every chunk of C tokens is solved independently of the state at its start (the triangular solve,
 the extra write keys, the intra-chunk outputs), batched over all heads and all chunks of all
@@ -91,7 +91,7 @@ def chunk_prism_recurrence_torch(
     cu_seqlens: torch.Tensor | None = None,
     chunk_size: int = 32,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The PRISM recurrence (contract: PRISM.md section 1); returns (o, final_state or None).
+    """The PRISM recurrence (contract: docs/PRISM.md section 1); returns (o, final_state or None).
 
     The default chunk is 32 tokens, not 64: short packed documents pad less, and long ones run no
     slower (docs/PERFORMANCE.md).

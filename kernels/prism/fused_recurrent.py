@@ -6,7 +6,7 @@ call's tokens, the state's value columns evolving independently, and per token a
     S <- a S;   u = b1 (d^1 - S^T k);   S <- S + k u^T + sum_{l>=2} b^l kappa^l (d^l)^T;   o = scale S^T q
 
 (the erase and the first write folded into one rank-1 update with the pseudo-value u, as in
-PRISM.md section 4). Products are elementwise and summed in the state's dtype, so 16-bit inputs only
+docs/PRISM.md section 4). Products are elementwise and summed in the state's dtype, so 16-bit inputs only
 round o on its way out. The state is read and written in place: a decode step costs one read and one
 write of it, and no allocation.
 """
@@ -61,7 +61,7 @@ def fused_recurrent_fwd_kernel(
 
 
 def _check_step(inputs: dict[str, torch.Tensor | None], state: torch.Tensor) -> None:
-    """What this kernel needs beyond the op's contract (PRISM.md section 1, checked by the op's entry point)."""
+    """What this kernel needs beyond the op's contract (docs/PRISM.md section 1, checked by the op's entry point)."""
     dtype = inputs["q"].dtype
     if dtype not in INPUT_DTYPES:
         raise TypeError(f"fused_recurrent_prism takes {INPUT_DTYPES} inputs, got {dtype}")
@@ -88,7 +88,7 @@ def fused_recurrent_prism(
 ) -> torch.Tensor:
     """o [B, T, H, V] of the PRISM recurrence over T >= 1 tokens per row from `state` [B, H, K, V] (float32;
     float64 for float64 inputs), which is updated in place to the state after each row's last token.
-    Inputs as in the op's contract (PRISM.md section 1); scale None means K^-0.5. One launch. (On the GPU
+    Inputs as in the op's contract (docs/PRISM.md section 1); scale None means K^-0.5. One launch. (On the GPU
     Triton passes scale as a float32 number, which float64 inputs then see rounded.)"""
     inputs = dict(q=q, k=k, d=d, kx=kx, beta=beta, g=g)
     _check_step(inputs, state)

@@ -1,4 +1,4 @@
-"""Chunk-local gradients of the PRISM chunk form (PRISM.md section 4), given the forward's chunk
+"""Chunk-local gradients of the PRISM chunk form (docs/PRISM.md section 4), given the forward's chunk
 start state S_0, pseudo-values U~ and U, the end-state gradient dS = dL/dS_C and the pseudo-value
 gradient dU from state.py's backward scan. Three kernels, each small enough to stay in registers:
 

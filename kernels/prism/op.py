@@ -1,4 +1,4 @@
-"""The functional PRISM op and its backend dispatch (contract: PRISM.md section 1)."""
+"""The functional PRISM op and its backend dispatch (contract: docs/PRISM.md section 1)."""
 from __future__ import annotations
 
 import functools

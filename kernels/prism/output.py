@@ -1,4 +1,4 @@
-"""The chunk output (PRISM.md section 4), one program per (chunk, head, block of value columns):
+"""The chunk output (docs/PRISM.md section 4), one program per (chunk, head, block of value columns):
 
     O = scale [diag(gamma) Q S_0 + (M * Q K^T) U + sum_l (M * Q (Kappa^l)^T) b^l D^l]
 

@@ -1,4 +1,4 @@
-"""The chunk-local triangular system of PRISM.md section 4, once per forward (the backward reuses it):
+"""The chunk-local triangular system of docs/PRISM.md section 4, once per forward (the backward reuses it):
 per chunk and head, the log-decay cumsum G and T = (I + A)^-1 with A = strict-lower(b1 M K K^T).
 
 The chunk of 64 rows is handled as 4 x 4 blocks of 16: the ten blocks of A on and below the

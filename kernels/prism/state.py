@@ -1,4 +1,4 @@
-"""The inter-chunk state scan and its backward (PRISM.md section 4), one program per
+"""The inter-chunk state scan and its backward (docs/PRISM.md section 4), one program per
 (sequence, head, block of value columns); the state's value columns evolve independently.
 
 Forward, chunk by chunk: store S_0, then U = U~ - W^ S_0 and

@@ -1,4 +1,4 @@
-"""Chunk-local WY representation (PRISM.md section 4) and its backward.
+"""Chunk-local WY representation (docs/PRISM.md section 4) and its backward.
 
 Forward, per chunk and head, from T = (I + A)^-1 (solve.py): W^ = T diag(b1 gamma) K and the
 state-independent pseudo-values U~ = T (W^1 - sum_l B^l W^l), B^l = strict-lower(b1 M K (Kappa^l)^T).
