@@ -86,11 +86,14 @@ def cp_size() -> int:
 
 
 def data_rank() -> int:
-    """This rank's index among the ranks that read different samples (CP ranks share them)."""
+    """This rank's DP index: among the ranks that read different samples (CP ranks share them).
+    "DP" in this project always means that; DeepSpeed's data-parallel group is DP x CP (see
+    _DeepSpeedMPU)."""
     return parallel_state.get_data_parallel_rank()
 
 
 def data_size() -> int:
+    """DP: how many ranks read different samples (world / (TP x CP))."""
     return parallel_state.get_data_parallel_world_size()
 
 

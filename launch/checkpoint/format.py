@@ -42,6 +42,10 @@ class CheckpointError(RuntimeError):
 
 @dataclass(frozen=True)
 class Layout:
+    """The layout that wrote a checkpoint. `data_parallel` is DeepSpeed's data-parallel size, DP x CP
+    (world / TP): the ranks ZeRO partitions the optimizer over, which is what a checkpoint's files
+    depend on (layout.json keeps the key's name)."""
+
     tensor_parallel: int
     data_parallel: int
     zero_stage: int
