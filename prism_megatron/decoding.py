@@ -121,3 +121,57 @@ class DecodeCache:
             self.lengths = packed.cu_seqlens.to(torch.long).diff()
         self.fresh = False
         return [CachedSequences(position, packed, memory) for memory in self.layers]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is drawn from the logits: temperature 0 is greedy (the most likely token);
+    otherwise softmax(logits / temperature) restricted to the top_k most likely tokens (0: all) and to
+    the smallest set of them whose probability reaches top_p."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def draw(self, logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """logits [N, vocab] -> tokens [N]."""
+        if self.temperature == 0:
+            return logits.argmax(-1)
+        logits = logits.float() / self.temperature
+        if 0 < self.top_k < logits.shape[-1]:
+            kth = logits.topk(self.top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if self.top_p < 1:
+            ordered, order = logits.sort(dim=-1, descending=True)
+            before = ordered.softmax(-1).cumsum(-1) - ordered.softmax(-1)
+            ordered = ordered.masked_fill(before >= self.top_p, float("-inf"))
+            logits = torch.full_like(logits, float("-inf")).scatter(-1, order, ordered)
+        return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+def generate(model, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling, eos_id: int | None = None,
+             generator: torch.Generator | None = None, on_tokens=None) -> list[list[int]]:
+    """Each prompt's continuation of up to `max_new_tokens` (ending at eos_id, which it includes): the
+    prompts prefilled together, then a token per step for all. on_tokens(step, tokens [N]) is called
+    after each step. Prompts must not be empty. Every TP rank calls it with the same generator state."""
+    device = next(model.parameters()).device
+    lengths = [len(p) for p in prompts]
+    cache = DecodeCache.for_model(model, len(prompts))
+    tokens = torch.tensor([t for p in prompts for t in p], device=device)[None]
+    bounds = torch.tensor([0] + lengths, device=device).cumsum(0)
+    out: list[list[int]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    with torch.no_grad():
+        logits = model.gather_logits(model(tokens, cu_seqlens=bounds, cache=cache))[0, bounds[1:] - 1]
+        for step in range(max_new_tokens):
+            new = sampling.draw(logits, generator)
+            if on_tokens is not None:
+                on_tokens(step, new)
+            for n, t in enumerate(new.tolist()):
+                if not done[n]:
+                    out[n].append(t)
+                    done[n] = t == eos_id
+            if all(done) or step + 1 == max_new_tokens:
+                break
+            logits = model.gather_logits(model(new[:, None], cache=cache))[:, 0]
+    return out
