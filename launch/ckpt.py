@@ -2,7 +2,8 @@
 
     prism-ckpt inspect DIR        step, layout, model config, sizes and integrity of each checkpoint
     prism-ckpt convert DIR        write the layout-free form (what --resume at another layout reads)
-    prism-ckpt export DIR OUT     OUT/model.safetensors + OUT/config.json, for checkpoint.load_exported
+    prism-ckpt export DIR OUT     OUT/model.safetensors + OUT/config.json + OUT/tokenizer.model, for
+                                  checkpoint.load_exported and prism-generate
 
 DIR is one checkpoint (checkpoint.dir/step_NNNNNNNN) or a run's checkpoint.dir (then convert and
 export take its newest intact checkpoint). No process group and no GPU are needed.
@@ -29,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     inspect_command.add_argument("dir", type=Path)
     convert_command = commands.add_parser("convert", help="write the layout-free form next to the checkpoint")
     convert_command.add_argument("dir", type=Path)
-    export_command = commands.add_parser("export", help="consolidated safetensors plus the model config")
+    export_command = commands.add_parser("export", help="consolidated safetensors plus the model config and tokenizer")
     export_command.add_argument("dir", type=Path)
     export_command.add_argument("out", type=Path)
     args = parser.parse_args(argv)
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.command == "inspect":
             sys.exit(0 if inspect_checkpoints(args.dir) else 1)
-        path = _one_checkpoint(args.dir)
+        path = one_checkpoint(args.dir)
         started = time.perf_counter()
         if args.command == "convert":
             folder = convert(path)
@@ -47,12 +48,13 @@ def main(argv: list[str] | None = None) -> None:
         else:
             export(path, args.out)
             print(f"exported {path} to {args.out} in {time.perf_counter() - started:.1f} s "
-                  f"(load it with prism_megatron.launch.checkpoint.load_exported)")
+                  f"(load it with prism_megatron.launch.checkpoint.load_exported; prism-generate {args.out} --prompt TEXT)")
     except CheckpointError as e:
         sys.exit(f"prism-ckpt: error: {e}")
 
 
-def _one_checkpoint(folder: Path) -> Path:
+def one_checkpoint(folder: Path) -> Path:
+    """The checkpoint `folder` is (verified), or the newest intact one in it (a run's checkpoint.dir)."""
     if is_committed(folder):
         verify(folder)
         return folder

@@ -30,6 +30,9 @@ from prism_megatron.launch.config import ConfigError, load_config
 VOCAB_SIZE = 2048
 TOKENIZER_SAMPLE_LINES = 200_000
 SEED = 1234
+# What the trained model is asked to continue at the end.
+DEMO_PROMPT = "def "
+DEMO_NEW_TOKENS = 64
 # Several shards, so that both tokenize workers have work.
 SHARD_BYTES = 8 << 20
 
@@ -58,6 +61,7 @@ def run_demo(workdir: Path, fresh: bool, overrides: list[str]) -> None:
     data_seconds = time.perf_counter() - started
 
     # Imported late: it pulls in torch, DeepSpeed and megatron-core, seconds the data steps skip.
+    from prism_megatron.launch.generate import main as generate_main
     from prism_megatron.launch.train import train
 
     config_path = resources.files("prism_megatron.launch") / "configs" / "demo.yaml"
@@ -91,6 +95,12 @@ def run_demo(workdir: Path, fresh: bool, overrides: list[str]) -> None:
     say(f"  checkpoint   {summary.checkpoint}")
     say(f"  TensorBoard  {summary.tensorboard_dir}   (tensorboard --logdir {summary.tensorboard_dir})")
     say(f"  time         {total:.0f} s (data {data_seconds:.0f} s, training {train_seconds:.0f} s)")
+
+    say("")
+    say(f"What it writes (prism-generate {summary.checkpoint} --prompt {DEMO_PROMPT!r} "
+        f"--max-new-tokens {DEMO_NEW_TOKENS} --temperature 0.7):")
+    generate_main([str(summary.checkpoint), "--prompt", DEMO_PROMPT, "--max-new-tokens", str(DEMO_NEW_TOKENS),
+                   "--temperature", "0.7"])
 
 
 def stdlib_sources() -> list[Path]:

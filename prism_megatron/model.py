@@ -5,11 +5,16 @@ a SwiGLU MLP, a final RMSNorm, a column-parallel LM head and vocab-parallel cros
     loss = model(tokens, labels, cu_seqlens=None)  # mean token cross-entropy, float32 (under CP: of this
                                                    # rank's slice; context_parallel.py says why that is right)
     logits = model(tokens)                         # [B, T, padded vocab / TP], padding at -inf
+    logits = model(tokens, cache=cache)            # the same, continuing a decoding cache's sequences
+                                                   # (decoding.py: prefill, then a token at a time)
 
 Each forward describes once how the batch's tokens lie on this rank (batch_layout: a TokenLayout of
-token_layout.py) and hands that to every layer.
+token_layout.py) and hands that to every layer; with a cache, each layer gets a layout of its own.
 """
 from __future__ import annotations
+
+import itertools
+from typing import TYPE_CHECKING
 
 import torch
 from megatron.core import ModelParallelConfig, tensor_parallel
@@ -34,6 +39,9 @@ from prism_megatron.sharding import (
     tag_vocab_parallel,
 )
 from prism_megatron.token_layout import TokenLayout, WholeSequences
+
+if TYPE_CHECKING:
+    from prism_megatron.decoding import DecodeCache
 
 
 class Block(nn.Module):
@@ -101,16 +109,20 @@ class PrismLM(nn.Module):
         return total
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None,
-                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+                cu_seqlens: torch.Tensor | None = None, cache: DecodeCache | None = None) -> torch.Tensor:
         B, T = tokens.shape
         if self.sequence_parallel and T % tp_size():
             raise ValueError(f"sequence length {T} does not divide by the tensor-parallel size {tp_size()}, "
                              "which sequence parallelism needs")
-        sequences = batch_layout(B, T, cu_seqlens, tokens.device)
+        if cache is None:
+            layouts = itertools.repeat(batch_layout(B, T, cu_seqlens, tokens.device))
+        else:
+            self._check_decoding(labels)
+            layouts = cache.layouts(B, T, cu_seqlens)
         x = self.embedding(tokens)
         if self.sequence_parallel:
             x = scatter_sequence(x)
-        for layer in self.layers:
+        for layer, sequences in zip(self.layers, layouts):
             if self.cfg.recompute == "full":
                 x = checkpoint(layer, x, sequences, use_reentrant=False)
             else:
@@ -123,6 +135,17 @@ class PrismLM(nn.Module):
         # Under CP the mean over this rank's equal slice: the mean over CP ranks is the samples' mean.
         return linear_cross_entropy(x.flatten(0, 1), head_weight, labels.flatten(), self.cfg.vocab_size,
                                     tp_group(), tp_rank(), tp_size()).mean()
+
+    def _check_decoding(self, labels: torch.Tensor | None) -> None:
+        """What a forward with a decoding cache needs."""
+        if labels is not None:
+            raise ValueError("a forward with a decoding cache gives logits: labels must be None")
+        if torch.is_grad_enabled():
+            # The cache is updated as the layers run: a recomputation in a backward would update it again.
+            raise RuntimeError("decoding with a cache is inference-only: call it under torch.no_grad()")
+        if self.sequence_parallel or cp_size() > 1:
+            raise ValueError("decoding with a cache needs sequence and context parallelism off "
+                             "(build the model with parallel.sequence_parallel false and context_parallel_size 1)")
 
     def _mask_vocab_padding(self, logits: torch.Tensor) -> torch.Tensor:
         """Padded vocabulary entries get -inf logits: they never win the softmax nor get a gradient."""

@@ -8,10 +8,10 @@ row's first token:
 - WholeSequences (here): every sequence lies whole on this rank, nothing comes before a row;
 - ContextSlice (context_parallel.py): this rank's slice of each sample under context parallelism,
   continuing the previous rank's inputs (the convolution's halo) and state.
-A recurrent decoding layout (a prompt prefilled, then a token at a time) fits the same interface:
-its conv_halo hands out the cached last W-1 inputs and keeps the newest ones, its recurrence starts
-from the cached state and keeps the final one. Such a cache belongs to one layer, so that layout
-would be one object per layer, which PrismLM.forward hands to each.
+- CachedSequences (decoding.py): sequences continuing a decoding cache (a prompt prefilled, then a
+  token at a time); its conv_halo hands out the cached last W-1 inputs and keeps the newest ones, its
+  recurrence starts from the cached state and keeps the final one. The cache belongs to one layer,
+  so PrismLM.forward hands each layer a layout of its own.
 """
 from __future__ import annotations
 

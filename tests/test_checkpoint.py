@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from prism_megatron.data_prep.store import TokenStore
 from prism_megatron.launch import checkpoint
 from prism_megatron.launch.checkpoint.format import (COMPLETE, LAYOUT, LAYOUT_FREE, RUN_CONFIG, file_record, tag_for,
                                                      verify, write_complete)
@@ -248,6 +249,7 @@ def test_prism_ckpt_inspect_convert_export(tmp_path, store):
     result = prism_ckpt("export", step, out)
     assert result.returncode == 0, result.stderr
     assert "load_exported" in result.stdout and (out / "model.safetensors").is_file()
+    assert (out / "tokenizer.model").read_bytes() == Path(TokenStore.open(store).manifest["tokenizer"]["path"]).read_bytes()
 
     tp2, tp1 = tmp_path / "tp2.pt", tmp_path / "tp1.pt"
     run_distributed(2, _logits, 2, str(step), str(out), str(tp2))

@@ -16,6 +16,7 @@ def prism_demo(workdir, *overrides):
         args += ["--set", item]
     result = subprocess.run(args, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, f"prism-demo failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    assert "ms per token" in result.stderr
     return result.stdout
 
 
@@ -31,6 +32,9 @@ def test_demo_end_to_end_then_cached(tmp_path):
     ckpt = tmp_path / "train" / "checkpoints" / "step_00000008"
     assert str(ckpt) in summary and (ckpt / COMPLETE).is_file()
     assert list((tmp_path / "train" / "tensorboard").glob("events.out.tfevents.*"))
+    # It ends with what the trained model writes from a prompt (and the time per token, on stderr).
+    written = out[out.index("What it writes (prism-generate"):].splitlines()
+    assert len(written) > 1 and written[1].startswith("def ")
 
     # A rerun reuses the corpus, tokenizer and store, and replaces the previous training run.
     out = prism_demo(tmp_path, "training.train_steps=2", *short[1:])

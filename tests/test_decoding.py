@@ -1,0 +1,138 @@
+"""Recurrent inference (prism_megatron/decoding.py): prompts prefilled with the chunk form, then a token at a
+time with the token loop, give the parallel forward's logits at every position, in float64 on the CPU."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from prism_megatron.config import ModelConfig, ParallelConfig
+from test_tensor_parallel import run_distributed
+
+SMALL = dict(vocab_size=50, hidden_size=32, num_layers=2, num_heads=2, head_k_dim=8, head_v_dim=8,
+             ffn_hidden_size=48, conv_size=4)
+# Each model of the tests: every solver, L = 1 and 3, tied and untied embeddings.
+MODELS = {"prism-L3": dict(solver="prism", solver_steps=3), "prism-L1-tied": dict(solver="prism", solver_steps=1,
+                                                                                   tie_embeddings=True),
+          "split-L2": dict(solver="split", solver_steps=2), "none-tied": dict(solver="none", tie_embeddings=True)}
+# The longest sequence; the others are shorter, so their prompts are too.
+LENGTH = 12
+SHORTER_BY = (0, 4, 9)
+
+
+def _model(overrides: dict, parallel: ParallelConfig = ParallelConfig()):
+    from prism_megatron.model import PrismLM
+
+    return PrismLM(ModelConfig(**{**SMALL, **overrides}), parallel, seed=0).double()
+
+
+def _sequences() -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randint(0, SMALL["vocab_size"], (LENGTH - less,), generator=gen) for less in SHORTER_BY]
+
+
+def _packed(parts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequences -> one row of documents and its cu_seqlens."""
+    bounds = torch.tensor([0] + [len(p) for p in parts]).cumsum(0).to(torch.int32)
+    return torch.cat(parts)[None], bounds
+
+
+def parallel_logits(model, sequences: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each sequence's logits [T_n, vocab] from one parallel forward over the documents packed."""
+    tokens, bounds = _packed(sequences)
+    with torch.no_grad():
+        logits = model.gather_logits(model(tokens, cu_seqlens=bounds))[0]
+    return list(logits.split(bounds.diff().tolist()))
+
+
+def prefill_then_decode(model, sequences: list[torch.Tensor], split: int) -> list[torch.Tensor]:
+    """Each sequence's logits: all but its last LENGTH - split tokens (at least none) prefilled together,
+    then a token at a time, all sequences in step (one that has ended is fed token 0, its logits dropped)."""
+    from prism_megatron.decoding import DecodeCache
+
+    cache = DecodeCache.for_model(model, len(sequences))
+    steps = LENGTH - split
+    prompt_lengths = [max(len(s) - steps, 0) for s in sequences]
+    out: list[list[torch.Tensor]] = [[] for _ in sequences]
+    with torch.no_grad():
+        if any(prompt_lengths):
+            tokens, bounds = _packed([s[:n] for s, n in zip(sequences, prompt_lengths)])
+            logits = model.gather_logits(model(tokens, cu_seqlens=bounds, cache=cache))[0]
+            for n, part in enumerate(logits.split(prompt_lengths)):
+                out[n].append(part)
+        for step in range(steps):
+            index = [n + step for n in prompt_lengths]
+            tokens = torch.stack([s[i] if i < len(s) else s.new_zeros(()) for s, i in zip(sequences, index)])
+            logits = model.gather_logits(model(tokens[:, None], cache=cache))
+            for n, (s, i) in enumerate(zip(sequences, index)):
+                if i < len(s):
+                    out[n].append(logits[n])
+    return [torch.cat(parts) for parts in out]
+
+
+@pytest.mark.usefixtures("single_process")
+@pytest.mark.parametrize("name", MODELS)
+def test_prefill_then_decode_equals_the_parallel_forward(name):
+    """At every split point, prompts of different lengths (some shorter than the convolution, some
+    empty) packed as documents: the state and the convolution reset at each."""
+    model = _model(MODELS[name])
+    sequences = _sequences()
+    want = parallel_logits(model, sequences)
+    for split in range(LENGTH + 1):
+        got = prefill_then_decode(model, sequences, split)
+        for n, (g, w) in enumerate(zip(got, want)):
+            torch.testing.assert_close(g, w, atol=1e-10, rtol=1e-10, msg=lambda m: f"split {split}, sequence {n}: {m}")
+
+
+@pytest.mark.usefixtures("single_process")
+def test_rows_continue_the_cache_in_chunks():
+    """A forward of several tokens per row continues the cached state and convolution inputs (the
+    chunk form from an initial state), as a decode step does token by token."""
+    from prism_megatron.decoding import DecodeCache
+
+    model = _model(MODELS["prism-L3"])
+    sequences = [s[:6] for s in _sequences()[:2]]
+    want = parallel_logits(model, sequences)
+    cache = DecodeCache.for_model(model, 2)
+    rows = torch.stack(sequences)
+    with torch.no_grad():
+        got = torch.cat([model(rows[:, :1], cache=cache), model(rows[:, 1:3], cache=cache),
+                         model(rows[:, 3:], cache=cache)], 1)
+    torch.testing.assert_close(model.gather_logits(got), torch.stack(want), atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.usefixtures("single_process")
+def test_cache_misuse_is_refused():
+    from prism_megatron.decoding import DecodeCache
+
+    model = _model(MODELS["none-tied"])
+    cache = DecodeCache.for_model(model, 2)
+    tokens = torch.zeros(2, 3, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="torch.no_grad"):
+        model(tokens, cache=cache)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="3 rows"):
+            model(torch.zeros(3, 1, dtype=torch.long), cache=cache)
+        model(tokens, cache=cache)
+        with pytest.raises(ValueError, match="fresh cache"):
+            model(tokens.reshape(1, 6), cu_seqlens=torch.tensor([0, 3, 6]), cache=cache)
+
+
+def _tensor_parallel_worker(overrides: dict):
+    from megatron.core import parallel_state
+
+    from prism_megatron.process_groups import initialize_parallel
+
+    sequences = _sequences()
+    initialize_parallel(ParallelConfig(1), seed=0)
+    want = prefill_then_decode(_model(overrides), sequences, split=5)
+    parallel_state.destroy_model_parallel()
+    initialize_parallel(ParallelConfig(2), seed=0)
+    got = prefill_then_decode(_model(overrides, ParallelConfig(2)), sequences, split=5)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["prism-L3", "split-L2"])
+def test_tensor_parallel_decoding_equals_tp1(name):
+    """At TP=2 each rank decodes its heads; the gathered logits equal TP=1's."""
+    run_distributed(2, _tensor_parallel_worker, MODELS[name])

@@ -1,0 +1,131 @@
+"""`prism-generate` as a user runs it, on an exported folder (weights, config, tokenizer), and the sampling
+and generation loop of prism_megatron/decoding.py it uses."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from prism_megatron.config import ModelConfig, ParallelConfig
+
+REPO = Path(__file__).resolve().parents[1]
+VOCAB = 300
+CONFIG = dict(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=2, head_k_dim=8, head_v_dim=8,
+              ffn_hidden_size=48, solver="prism", solver_steps=3)
+
+pytestmark = pytest.mark.usefixtures("single_process")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> Path:
+    """An exported folder as `prism-ckpt export` writes it, of a freshly initialised model."""
+    from safetensors.torch import save_file
+
+    from prism_megatron.data_prep.tokenizer import train_tokenizer
+    from prism_megatron.model import PrismLM
+    from prism_megatron.sharding import global_state_dict
+
+    folder = tmp_path_factory.mktemp("exported")
+    corpus = folder / "corpus.txt"
+    corpus.write_text("\n".join(f"def function_{i}(x):\n    return x * {i} + {i * i}" for i in range(200)))
+    train_tokenizer([str(corpus)], str(folder / "tokenizer.model"), VOCAB)
+    corpus.unlink()
+    model = PrismLM(ModelConfig(**CONFIG), ParallelConfig(), seed=0)
+    save_file({k: v.contiguous() for k, v in global_state_dict(model).items()}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({"model": CONFIG, "step": 0}))
+    return folder
+
+
+def prism_generate(*args, check: bool = True) -> subprocess.CompletedProcess:
+    # Run from outside the checkout, as an installed command runs, without this process's rendezvous.
+    rendezvous = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {**{k: v for k, v in os.environ.items() if k not in rendezvous}, "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-m", "prism_megatron.launch.generate", *map(str, args)],
+                            capture_output=True, text=True, timeout=600, env=env, cwd=Path.home())
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def _own_greedy(folder: Path, prompts: list[str], steps: int) -> list[str]:
+    """The model's greedy continuations, each prompt on its own."""
+    from prism_megatron.data_prep.tokenizer import Tokenizer
+    from prism_megatron.decoding import Sampling, generate
+    from prism_megatron.launch.checkpoint import load_exported
+
+    model, tokenizer = load_exported(folder), Tokenizer(folder / "tokenizer.model")
+    texts = []
+    for prompt in prompts:
+        ids = tokenizer.encode_arrays([prompt])[0].tolist()
+        texts.append(tokenizer.decode(generate(model, [ids], steps, Sampling(temperature=0), tokenizer.eos_id)[0]))
+    return texts
+
+
+def test_generate_streams_the_greedy_continuation(exported):
+    result = prism_generate(exported, "--prompt", "def function_", "--max-new-tokens", 6, "--temperature", 0)
+    want = _own_greedy(exported, ["def function_"], 6)[0]
+    assert result.stdout == "def function_" + want + "\n"
+    assert "prefill: " in result.stderr and "ms per token" in result.stderr
+
+
+def test_a_batch_of_prompts_of_different_lengths(exported, tmp_path):
+    prompts = ["def function_12(x):", "    return"]
+    batch = tmp_path / "prompts.txt"
+    batch.write_text("\n".join(prompts) + "\n")
+    result = prism_generate(exported, "--batch-file", batch, "--max-new-tokens", 5, "--temperature", 0)
+    lines = result.stdout.splitlines()
+    for n, (prompt, want) in enumerate(zip(prompts, _own_greedy(exported, prompts, 5))):
+        assert f"[{n}] {prompt}{want}" in lines
+    # Sampling is seeded.
+    sampled = [prism_generate(exported, "--batch-file", batch, "--max-new-tokens", 5, "--top-p", 0.9, "--top-k", 20,
+                              "--seed", 3).stdout for _ in range(2)]
+    assert sampled[0] == sampled[1]
+
+
+def test_an_empty_prompt_generates_from_bos(exported):
+    assert "BOS" in prism_generate("--help").stdout
+    result = prism_generate(exported, "--prompt", "", "--max-new-tokens", 3)
+    assert "ms per token" in result.stderr
+
+
+def test_sampling_limits():
+    from prism_megatron.decoding import Sampling
+
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    greedy = logits.argmax(-1)
+    gen = torch.Generator().manual_seed(1)
+    assert torch.equal(Sampling(temperature=0).draw(logits, gen), greedy)
+    assert torch.equal(Sampling(top_k=1).draw(logits, gen), greedy)
+    assert torch.equal(Sampling(top_p=1e-6).draw(logits, gen), greedy)
+    top3 = logits.topk(3, -1).indices
+    for _ in range(5):
+        drawn = Sampling(temperature=2.0, top_k=3).draw(logits, gen)
+        assert (top3 == drawn[:, None]).any(-1).all()
+
+
+@pytest.mark.parametrize("case", ["no-export-files", "no-intact-checkpoint", "not-a-folder", "zero-tokens",
+                                  "negative-tokens", "ids-outside"])
+def test_bad_input_is_one_line(case, exported, tmp_path):
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "config.json").write_text((exported / "config.json").read_text())
+    (tmp_path / "ckpt" / "step_00000002").mkdir(parents=True)
+    args, code, words = {
+        "no-export-files": ((partial, "--prompt", "x"), 1, "lacks model.safetensors, tokenizer.model"),
+        "no-intact-checkpoint": ((tmp_path / "ckpt", "--prompt", "x"), 1, "no checkpoint"),
+        "not-a-folder": ((tmp_path / "absent", "--prompt", "x"), 1, "is not a folder"),
+        "zero-tokens": ((exported, "--max-new-tokens", 0), 2, "--max-new-tokens must be >= 1"),
+        "negative-tokens": ((exported, "--max-new-tokens", -3), 2, "--max-new-tokens must be >= 1"),
+        "ids-outside": ((exported, "--prompt-ids", f"5,{VOCAB},-1"), 2, f"ids [{VOCAB}, -1] are outside"),
+    }[case]
+    result = prism_generate(*args, check=False)
+    assert result.returncode == code, result.stderr
+    # One error line, last (a skipped damaged checkpoint is named on a line before it).
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("prism-generate: error: ") and words in last, result.stderr
+    assert "Traceback" not in result.stderr and result.stderr.count("error") == 1
