@@ -1,5 +1,5 @@
 """Recurrent inference: a prompt prefilled with the chunk kernel, then a token at a time with the exact
-recurrence (PRISM.md Eq. 18), in memory and time per token independent of the position.
+recurrence (docs/PRISM.md Eq. 18), in memory and time per token independent of the position.
 
     cache = DecodeCache.for_model(model, num_sequences)
     logits = model(prompts, cu_seqlens=bounds, cache=cache)  # prefill: one document per sequence

@@ -282,13 +282,13 @@ def test_one_nan_step_under_skip_is_skipped_and_the_run_finishes(tmp_path, store
     config = write_config(tmp_path, store, training={"nonfinite": "skip"})
     # The loss of step 2's first micro batch is NaN, so are its gradients: that update is skipped.
     result = prism_train_patched(
-        "from prism_megatron.launch import train\n"
-        "forward, calls = train.forward, []\n"
+        "from prism_megatron.launch import trainer\n"
+        "forward, calls = trainer.forward, []\n"
         "def nan_once(engine, batch):\n"
         "    loss = forward(engine, batch)\n"
         "    calls.extend([None] if engine.module.training else [])\n"
         "    return loss * float('nan') if engine.module.training and len(calls) == 3 else loss\n"
-        "train.forward = nan_once",
+        "trainer.forward = nan_once",
         "--config", config)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "step 2: loss nan" in result.stdout and "(1 skipped in all, 1 in a row)" in result.stdout
