@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from prism_megatron.files import DiskError, disk_error_reason, folder_bytes, write_atomic
-from prism_megatron.launch import checkpoint
+from prism_megatron.launch.checkpoint import format as checkpoint_format
 from prism_megatron.launch.checkpoint.format import COMPLETE, committed, newest, read_layout, verify
 from prism_megatron.launch.preemption import DISK_EXIT, NONFINITE_EXIT
 from prism_megatron.launch.run_lock import LOCK_FILE, RunLock, RunLockError
@@ -301,18 +301,18 @@ def test_one_nan_step_under_skip_is_skipped_and_the_run_finishes(tmp_path, store
 
 
 def fake_checkpoint(ckpt_dir: Path, step: int) -> Path:
-    path = ckpt_dir / checkpoint.tag_for(step)
+    path = ckpt_dir / checkpoint_format.tag_for(step)
     path.mkdir(parents=True)
     for name in ("a.pt", "b.pt", "layout.json"):
         (path / name).write_text(json.dumps({"tensor_parallel": 1, "data_parallel": 1, "zero_stage": 1, "n": name}))
-    files = {f.name: checkpoint._file_record(f) for f in path.iterdir()}
+    files = {f.name: checkpoint_format.file_record(f) for f in path.iterdir()}
     (path / COMPLETE).write_text(json.dumps({"step": step, "files": files}))
     return path
 
 
 def test_a_checkpoint_pruned_while_read_is_named_so_and_the_next_one_taken(tmp_path, monkeypatch, caplog):
     older, newer = fake_checkpoint(tmp_path, 3), fake_checkpoint(tmp_path, 6)
-    record = checkpoint._file_record
+    record = checkpoint_format.file_record
 
     def pruned_by_another_run(f):
         if f.parent == newer and newer.exists():
@@ -322,12 +322,12 @@ def test_a_checkpoint_pruned_while_read_is_named_so_and_the_next_one_taken(tmp_p
             newer.rmdir()
         return record(f)
 
-    monkeypatch.setattr(checkpoint, "_file_record", pruned_by_another_run)
+    monkeypatch.setattr(checkpoint_format, "file_record", pruned_by_another_run)
     assert newest(tmp_path) == older
     assert f"checkpoint {newer} vanished or changed while being read: another run may be writing {tmp_path}" \
         in caplog.text
     assert "layout" not in caplog.text
 
     shutil.rmtree(older)
-    with pytest.raises(checkpoint.CheckpointError, match="vanished or changed while being read"):
+    with pytest.raises(checkpoint_format.CheckpointError, match="vanished or changed while being read"):
         read_layout(older)
