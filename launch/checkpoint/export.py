@@ -56,7 +56,7 @@ def tokenizer_of(path: Path) -> Path:
 
 def model_with_weights(config, weights: dict, parallel=None):
     """PrismLM of the ModelConfig `config` holding the global `weights`, at the TP size of `parallel`
-    (a ParallelConfig; default TP=1). Call after `parallel.initialize_parallel`."""
+    (a ParallelConfig; default TP=1). Call after `process_groups.initialize_parallel`."""
     from prism_megatron.config import ParallelConfig
     from prism_megatron.model import PrismLM
     from prism_megatron.sharding import load_global_state_dict
@@ -68,7 +68,7 @@ def model_with_weights(config, weights: dict, parallel=None):
 
 def load_exported(folder: str | Path, parallel=None):
     """PrismLM with the weights of an exported folder (`prism-ckpt export`), at the TP size of
-    `parallel` (a ParallelConfig; default TP=1). Call after `parallel.initialize_parallel`;
+    `parallel` (a ParallelConfig; default TP=1). Call after `process_groups.initialize_parallel`;
     every TP rank reads the whole file and keeps its slice."""
     from safetensors.torch import load_file
 
