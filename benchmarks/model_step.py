@@ -1,15 +1,16 @@
 """Training-step throughput of a PrismLM preset against fla's GatedDeltaNetForCausalLM, one run.
 
     python benchmarks/model_step.py --store DIR | --build-store WORKDIR  [--steps 6] [--profile]
-        [--config launch/configs/1.3b.yaml] [--set KEY=VALUE ...] [--variants NAME ...]
+        [--config launch/configs/1.3b.yaml] [--set KEY=VALUE ...] [--variants NAME ...] [--batch 4 4096]
 
 Each PRISM variant (the preset of --config, 1.3B by default, with --set's overrides and then the
-variant's: a model, PRISM L=3 or L=1, `solver: none` or L=3 with fused_ops off, in a recompute mode,
+variant's: a model, PRISM L=3, L=2 or L=1, `solver: none` or L=3 with fused_ops off, in a recompute mode,
 e.g. prism-L1-selective, unsuffixed for none) runs as prism-train runs it: PrismLM under a DeepSpeed
-engine (bf16, ZeRO-1, our AdamW instance), batches of 4 x 4096 tokens from the real loader
+engine (bf16, ZeRO-1, our AdamW instance), batches of --batch tokens (4 x 4096) from the real loader
 (DistributedBatchLoader with cu_seqlens) on a token store made by prism-prep (--build-store: from this machine's Python standard
-library sources, one document per file). fla's model runs at its default config with its defaults
-(bf16 autocast over float32 weights, fused AdamW), on the same batches' tokens. Prints per variant
+library sources, one document per file). fla's model runs at the width and depth of the preset in its
+own head layout (FLA_SHAPES; its default config for the 1.3B preset) with its defaults (bf16 autocast
+over float32 weights, fused AdamW), on the same batches' tokens. Prints per variant
 tokens/s over the timed steps (after --warmup steps that compile), MFU against the device's dense bf16
 peak (prism_megatron.flops: 989 TFLOP/s on an H100 or H200 SXM, or PRISM_PEAK_FLOPS) from
 prism_megatron.flops' exact FLOP count and from 6N FLOPs a token (N: the parameters without the input
@@ -32,10 +33,10 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-TOKENS = (4, 4096)
 CORPUS_BYTES = 20_000_000
 MODELS = {  # name -> overrides of the --config preset
     "prism-L3": ["model.solver=prism", "model.solver_steps=3"],
+    "prism-L2": ["model.solver=prism", "model.solver_steps=2"],
     "prism-L1": ["model.solver=prism", "model.solver_steps=1"],
     "solver-none": ["model.solver=none"],
     # The same model with the PyTorch code the fused kernels replace (what fusing bought).
@@ -44,6 +45,11 @@ MODELS = {  # name -> overrides of the --config preset
 # Each model in each recompute mode: prism-L3 (none), prism-L3-selective, prism-L3-full, ...
 VARIANTS = {name + ("" if mode == "none" else f"-{mode}"): [*overrides, f"model.recompute={mode}"]
             for name, overrides in MODELS.items() for mode in ("none", "selective", "full")}
+# fla's GatedDeltaNetConfig for each preset (by file name): the same width, depth, vocabulary and
+# embedding tying, in fla's head layout (heads of 256, values twice as wide).
+FLA_SHAPES = {"1.3b.yaml": {},
+              "125m.yaml": dict(hidden_size=768, num_hidden_layers=12, num_heads=3, head_dim=256,
+                                tie_word_embeddings=True)}
 
 
 def build_store(workdir: Path) -> Path:
@@ -64,11 +70,11 @@ def build_store(workdir: Path) -> Path:
     return workdir / "store"
 
 
-def batches(store: Path, steps: int):
+def batches(store: Path, steps: int, shape: tuple[int, int]):
     from prism_megatron.data_prep.loader import DistributedBatchLoader, PackedDataset
 
-    data = PackedDataset([str(store)], None, TOKENS[1], 1234, steps * TOKENS[0], split="train")
-    return iter(DistributedBatchLoader(data, TOKENS[0], 0, 1, with_cu_seqlens=True))
+    data = PackedDataset([str(store)], None, shape[1], 1234, steps * shape[0], split="train")
+    return iter(DistributedBatchLoader(data, shape[0], 0, 1, with_cu_seqlens=True))
 
 
 def profile_step(phases) -> dict:
@@ -112,7 +118,8 @@ def profile_step(phases) -> dict:
                     max_shapes_column_width=70))
 
 
-def measure(phases, flops_per_token: dict[str, float], warmup: int, steps: int, profile: bool) -> dict:
+def measure(phases, flops_per_token: dict[str, float], tokens_per_step: int, warmup: int, steps: int,
+            profile: bool) -> dict:
     """phases: (name, function) of one training step in order: forward, backward, optimizer step;
     flops_per_token: FLOP counts by name ("exact", "6n"), each reported as mfu_<name>."""
     from prism_megatron.flops import mfu, peak_flops
@@ -129,7 +136,7 @@ def measure(phases, flops_per_token: dict[str, float], warmup: int, steps: int, 
     for _ in range(steps):
         step()
     torch.cuda.synchronize()
-    tokens_per_sec = steps * TOKENS[0] * TOKENS[1] / (time.perf_counter() - started)
+    tokens_per_sec = steps * tokens_per_step / (time.perf_counter() - started)
     result = dict(tokens_per_sec=tokens_per_sec, peak_memory_gb=torch.cuda.max_memory_allocated() / 1e9)
     peak = peak_flops()
     if peak is not None:
@@ -139,7 +146,8 @@ def measure(phases, flops_per_token: dict[str, float], warmup: int, steps: int, 
     return result
 
 
-def run_prism(config: Path, overrides: list[str], store: Path, warmup: int, steps: int, profile: bool) -> dict:
+def run_prism(config: Path, overrides: list[str], store: Path, shape: tuple[int, int], warmup: int, steps: int,
+              profile: bool) -> dict:
     from prism_megatron.flops import non_embedding_parameters, step_flops
     from prism_megatron.launch.config import load_config
     from prism_megatron.launch.engine import build_engine, forward
@@ -147,14 +155,14 @@ def run_prism(config: Path, overrides: list[str], store: Path, warmup: int, step
     from prism_megatron.process_groups import destroy_parallel, initialize_parallel
 
     # One micro-batch a step, through the engine prism-train builds.
-    batch = [f"training.micro_batch_size={TOKENS[0]}", f"training.global_batch_size={TOKENS[0]}",
-             f"data.seq_length={TOKENS[1]}", "training.precision=bf16"]
+    batch = [f"training.micro_batch_size={shape[0]}", f"training.global_batch_size={shape[0]}",
+             f"data.seq_length={shape[1]}", "training.precision=bf16"]
     cfg = load_config(config, [f"data.stores=[{store}]", *batch, *overrides])
     initialize_parallel(cfg.parallel, cfg.training.seed)
     model = PrismLM(cfg.model, cfg.parallel)
-    flops = step_flops(cfg.model, TOKENS[1])
+    flops = step_flops(cfg.model, shape[1])
     engine, _ = build_engine(cfg, model)
-    data = batches(store, warmup + steps + 3)  # + the profiled steps (profile_step runs 3)
+    data = batches(store, warmup + steps + 3, shape)  # + the profiled steps (profile_step runs 3)
 
     loss = None
 
@@ -164,13 +172,14 @@ def run_prism(config: Path, overrides: list[str], store: Path, warmup: int, step
 
     phases = [("forward", phase_forward), ("backward", lambda: engine.backward(loss)), ("step", engine.step)]
     try:
-        result = measure(phases, {"exact": flops.total, "6n": flops.six_n}, warmup, steps, profile)
+        result = measure(phases, {"exact": flops.total, "6n": flops.six_n}, shape[0] * shape[1], warmup, steps,
+                         profile)
         return dict(result, parameters=non_embedding_parameters(cfg.model))
     finally:
         destroy_parallel()
 
 
-def run_fla(store: Path, warmup: int, steps: int, profile: bool) -> dict:
+def run_fla(shape_of: dict, store: Path, shape: tuple[int, int], warmup: int, steps: int, profile: bool) -> dict:
     import fla.ops.common.chunk_o as fla_chunk_o
     from fla.models import GatedDeltaNetConfig, GatedDeltaNetForCausalLM
 
@@ -178,10 +187,10 @@ def run_fla(store: Path, warmup: int, steps: int, profile: bool) -> dict:
     # dq/dk/dg kernel); the baseline is timed with that guard lifted, its gradients not trusted.
     fla_chunk_o.TRITON_ABOVE_3_7_1 = True
 
-    model = GatedDeltaNetForCausalLM(GatedDeltaNetConfig()).cuda()
+    model = GatedDeltaNetForCausalLM(GatedDeltaNetConfig(**shape_of)).cuda()
     n_params = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)
-    data = batches(store, warmup + steps + 3)  # + the profiled steps (profile_step runs 3)
+    data = batches(store, warmup + steps + 3, shape)  # + the profiled steps (profile_step runs 3)
 
     loss = None
 
@@ -196,21 +205,22 @@ def run_fla(store: Path, warmup: int, steps: int, profile: bool) -> dict:
         optimizer.zero_grad(set_to_none=True)
 
     phases = [("forward", phase_forward), ("backward", lambda: loss.backward()), ("step", phase_step)]
-    return dict(measure(phases, {"6n": 6 * n_params}, warmup, steps, profile), parameters=n_params)
+    return dict(measure(phases, {"6n": 6 * n_params}, shape[0] * shape[1], warmup, steps, profile),
+                parameters=n_params)
 
 
 def run_variant(name: str, args: argparse.Namespace, store: Path) -> dict:
-    warmup, steps, profile = args.warmup, args.steps, args.profile
+    shape, warmup, steps, profile = tuple(args.batch), args.warmup, args.steps, args.profile
     started = time.perf_counter()
     try:
         if name == "fla-gdn":
-            result = run_fla(store, warmup, steps, profile)
+            result = run_fla(FLA_SHAPES[args.config.name], store, shape, warmup, steps, profile)
         else:
-            result = run_prism(args.config, [*args.set, *VARIANTS[name]], store, warmup, steps, profile)
+            result = run_prism(args.config, [*args.set, *VARIANTS[name]], store, shape, warmup, steps, profile)
     except Exception:  # reported as this variant's row (OOM, a compile error)
         result = dict(error=traceback.format_exc(limit=6))
-    preset = {} if name == "fla-gdn" else dict(config=args.config.name, overrides=args.set)
-    return dict(variant=name, wall_s=round(time.perf_counter() - started, 1), **preset, **result)
+    preset = dict(config=args.config.name) if name == "fla-gdn" else dict(config=args.config.name, overrides=args.set)
+    return dict(variant=name, batch=shape, wall_s=round(time.perf_counter() - started, 1), **preset, **result)
 
 
 def report(result: dict, profile: bool) -> None:
@@ -243,20 +253,24 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=600, help="seconds for each variant's process")
     parser.add_argument("--config", type=Path, default=ROOT / "launch/configs/1.3b.yaml",
                         help="the preset the PRISM variants start from")
+    parser.add_argument("--batch", type=int, nargs=2, default=[4, 4096], metavar=("SEQUENCES", "LENGTH"),
+                        help="tokens a step, for every variant")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a value of --config for every PRISM variant (repeatable)")
     parser.add_argument("--json", type=Path, help="append one JSON line per variant here")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one variant, result on stdout
     args = parser.parse_args()
+    if args.config.name not in FLA_SHAPES and "fla-gdn" in args.variants:
+        parser.error(f"fla's model has no shape for {args.config.name}: add one to FLA_SHAPES")
     store = args.store or build_store(args.build_store)
     if args.child:
         print("RESULT " + json.dumps(run_variant(args.variants[0], args, store)))
         return
-    print(f"{torch.cuda.get_device_name()} | {TOKENS[0]} x {TOKENS[1]} tokens a step", flush=True)
+    print(f"{torch.cuda.get_device_name()} | {args.batch[0]} x {args.batch[1]} tokens a step", flush=True)
     for name in args.variants:
         command = [sys.executable, __file__, "--child", "--store", str(store), "--variants", name,
                    "--config", str(args.config), *(f"--set={item}" for item in args.set),
-                   "--warmup", str(args.warmup), "--steps", str(args.steps)] + ["--profile"] * args.profile
+                   "--batch", *map(str, args.batch), "--warmup", str(args.warmup), "--steps", str(args.steps)] + ["--profile"] * args.profile
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
             lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]

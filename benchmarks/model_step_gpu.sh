@@ -12,6 +12,8 @@
 #   matrix   fla's model, then L=3, L=1 and none in each recompute mode, then L=3 with fused_ops off
 #            (last: a call cut short at the device's time limit loses the least), one run
 #   2.7b     the 2.7B preset on one GPU (TP=1, no SP) with selective and with full recomputation
+#   125m     the 125M preset at its micro batch (8 x 2048): fla's model of the same width and depth,
+#            `solver: none`, PRISM L=2 and L=3, with --profile
 #
 # On a fresh H200 fla's model compiles and autotunes for about 3 minutes; TRITON_CACHE_DIR (default:
 # .triton_cache in the checkout) keeps that for later calls on the same warm machine. Each call also
@@ -19,12 +21,12 @@
 # the same image as runs/autotune.tgz, it spares the autotuning there. `profile` takes about 5
 # minutes on a fresh machine, `matrix` about 6 and `2.7b` 2.
 set -u
-usage="usage: bash benchmarks/model_step_gpu.sh OUT_DIR main|profile|matrix|2.7b ..."
+usage="usage: bash benchmarks/model_step_gpu.sh OUT_DIR main|profile|matrix|2.7b|125m ..."
 out=${1:?$usage}
 shift
 [ $# -gt 0 ] || { echo "$usage" >&2; exit 2; }
 for part in "$@"; do
-    case "$part" in main|profile|matrix|2.7b) ;; *) echo "$usage" >&2; exit 2 ;; esac
+    case "$part" in main|profile|matrix|2.7b|125m) ;; *) echo "$usage" >&2; exit 2 ;; esac
 done
 root=$(cd "$(dirname "$0")/.." && pwd)
 out=$(mkdir -p "$out" && cd "$out" && pwd)
@@ -61,6 +63,8 @@ for part in "$@"; do
                 prism-L3-reference ;;
     2.7b) step --timeout 200 --config launch/configs/2.7b.yaml --set parallel.tensor_model_parallel_size=1 \
               --set parallel.sequence_parallel=false --variants prism-L3-selective prism-L3-full ;;
+    125m) step --profile --timeout 200 --config launch/configs/125m.yaml --batch 8 2048 \
+              --variants fla-gdn solver-none prism-L2 prism-L3 ;;
     esac > "$out/$part.log" 2>&1 || status=1
     grep "tokens/s\|FAILED" "$out/$part.log"
 done

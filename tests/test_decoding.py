@@ -32,7 +32,7 @@ def _sequences() -> list[torch.Tensor]:
 
 def _packed(parts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Sequences -> one row of documents and its cu_seqlens."""
-    bounds = torch.tensor([0] + [len(p) for p in parts]).cumsum(0).to(torch.int32)
+    bounds = torch.tensor([0] + [len(p) for p in parts]).cumsum(0).to(device=parts[0].device, dtype=torch.int32)
     return torch.cat(parts)[None], bounds
 
 
@@ -44,13 +44,12 @@ def parallel_logits(model, sequences: list[torch.Tensor]) -> list[torch.Tensor]:
     return list(logits.split(bounds.diff().tolist()))
 
 
-def prefill_then_decode(model, sequences: list[torch.Tensor], split: int) -> list[torch.Tensor]:
-    """Each sequence's logits: all but its last LENGTH - split tokens (at least none) prefilled together,
-    then a token at a time, all sequences in step (one that has ended is fed token 0, its logits dropped)."""
+def prefill_then_decode(model, sequences: list[torch.Tensor], steps: int) -> list[torch.Tensor]:
+    """Each sequence's logits: all but its last `steps` tokens (at least none) prefilled together, then a
+    token at a time, all sequences in step (one that has ended is fed token 0, its logits dropped)."""
     from prism_megatron.decoding import DecodeCache
 
     cache = DecodeCache.for_model(model, len(sequences))
-    steps = LENGTH - split
     prompt_lengths = [max(len(s) - steps, 0) for s in sequences]
     out: list[list[torch.Tensor]] = [[] for _ in sequences]
     with torch.no_grad():
@@ -78,9 +77,38 @@ def test_prefill_then_decode_equals_the_parallel_forward(name):
     sequences = _sequences()
     want = parallel_logits(model, sequences)
     for split in range(LENGTH + 1):
-        got = prefill_then_decode(model, sequences, split)
+        got = prefill_then_decode(model, sequences, LENGTH - split)
         for n, (g, w) in enumerate(zip(got, want)):
             torch.testing.assert_close(g, w, atol=1e-10, rtol=1e-10, msg=lambda m: f"split {split}, sequence {n}: {m}")
+
+
+# The GPU test's shape: head dimensions the fused kernels take, prompts over several chunks.
+GPU_SHAPE = dict(vocab_size=512, hidden_size=256, num_layers=2, num_heads=2, head_k_dim=64, head_v_dim=64,
+                 ffn_hidden_size=512, conv_size=4)
+GPU_LENGTHS = (300, 200, 3)
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("single_process")
+@pytest.mark.parametrize("steps", [1, 40, 300])
+@pytest.mark.parametrize("name", MODELS)
+def test_bf16_decoding_on_gpu_within_bf16_rounding(name, steps):
+    """In bf16 on a GPU (the chunk kernel prefills, the fused step decodes) every position's logits are
+    about as far from the float64 forward's as the bf16 parallel forward's are: decoding adds no error
+    beyond bf16 rounding. The prompts end `steps` tokens before each sequence does."""
+    import copy
+
+    from prism_megatron.model import PrismLM
+
+    model = PrismLM(ModelConfig(**{**GPU_SHAPE, **MODELS[name]}), ParallelConfig(), seed=0).cuda()
+    exact = copy.deepcopy(model).double()
+    model = model.bfloat16()
+    gen = torch.Generator().manual_seed(0)
+    sequences = [torch.randint(0, GPU_SHAPE["vocab_size"], (n,), generator=gen).cuda() for n in GPU_LENGTHS]
+    want = torch.cat(parallel_logits(exact, sequences))
+    parallel_error = (torch.cat(parallel_logits(model, sequences)).double() - want).abs().max()
+    decode_error = (torch.cat(prefill_then_decode(model, sequences, steps)).double() - want).abs().max()
+    assert decode_error <= 1.5 * parallel_error, (decode_error.item(), parallel_error.item())
 
 
 @pytest.mark.usefixtures("single_process")
@@ -124,10 +152,10 @@ def _tensor_parallel_worker(overrides: dict):
 
     sequences = _sequences()
     initialize_parallel(ParallelConfig(1), seed=0)
-    want = prefill_then_decode(_model(overrides), sequences, split=5)
+    want = prefill_then_decode(_model(overrides), sequences, steps=LENGTH - 5)
     parallel_state.destroy_model_parallel()
     initialize_parallel(ParallelConfig(2), seed=0)
-    got = prefill_then_decode(_model(overrides, ParallelConfig(2)), sequences, split=5)
+    got = prefill_then_decode(_model(overrides, ParallelConfig(2)), sequences, steps=LENGTH - 5)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-10, rtol=1e-10)
 

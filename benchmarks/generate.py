@@ -1,0 +1,174 @@
+"""Generation speed of a PrismLM preset against fla's GatedDeltaNetForCausalLM, one run on one GPU.
+
+    python benchmarks/generate.py [--config launch/configs/1.3b.yaml] [--set KEY=VALUE ...]
+        [--batches 1 32] [--prompts 1024 8192 32768 131072] [--new-tokens 128]
+        [--prefill-tokens 65536] [--models prism fla-gdn] [--json FILE]
+
+Both models with random weights in bf16, in eval mode, fla's at the width and depth of the preset in its
+own head layout (benchmarks/model_step.py's FLA_SHAPES). For each batch size and prompt length, each
+model prefills random prompts in forwards of at most --prefill-tokens tokens (rows of
+prefill-tokens / batch tokens, each continuing its cache: ours DecodeCache, fla's its Cache), which
+gives prefill tokens/s, then decodes --new-tokens tokens greedily, one forward a token, which gives
+the time per token and decode tokens/s, and the peak memory allocated while decoding (weights, cache
+and the step's temporaries). Both loops are the same few lines for both models: fla's own
+`generate()` adds transformers' per-token work (logits processors, stopping criteria) on top, which
+the row `fla-gdn generate()` measures once, at the smallest batch and prompt.
+
+The memory a recurrent model needs to decode does not grow with the prompt: the decode peak should be
+flat across prompt lengths.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from model_step import FLA_SHAPES  # noqa: E402
+
+
+class PrismModel:
+    """PrismLM of the preset, with a DecodeCache per batch."""
+
+    name = "prism"
+
+    def __init__(self, config: Path, overrides: list[str]):
+        from prism_megatron.config import ParallelConfig
+        from prism_megatron.launch.config import load_config
+        from prism_megatron.model import PrismLM
+        from prism_megatron.process_groups import initialize_parallel
+
+        cfg = load_config(config, ["data.stores=[unused]", *overrides])  # a model only: no data
+        initialize_parallel(ParallelConfig(), seed=0)
+        self.model = PrismLM(cfg.model, ParallelConfig(), seed=0).cuda().bfloat16().eval()
+        self.vocab_size = cfg.model.vocab_size
+        self.cache = None
+
+    def start(self, batch: int) -> None:
+        from prism_megatron.decoding import DecodeCache
+
+        self.cache = DecodeCache.for_model(self.model, batch)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model(tokens, cache=self.cache)[:, -1]
+
+
+class FlaModel:
+    """fla's GatedDeltaNetForCausalLM of the preset's shape, with its Cache per batch."""
+
+    name = "fla-gdn"
+
+    def __init__(self, config: Path, overrides: list[str]):
+        from fla.models import GatedDeltaNetConfig, GatedDeltaNetForCausalLM
+
+        self.model = GatedDeltaNetForCausalLM(GatedDeltaNetConfig(**FLA_SHAPES[config.name]))
+        self.model = self.model.cuda().bfloat16().eval()
+        self.vocab_size = self.model.config.vocab_size
+        self.cache = None
+
+    def start(self, batch: int) -> None:
+        self.cache = None
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=tokens, past_key_values=self.cache, use_cache=True)
+        self.cache = out.past_key_values
+        return out.logits[:, -1]
+
+
+def timed(run) -> tuple[object, float]:
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    result = run()
+    torch.cuda.synchronize()
+    return result, time.perf_counter() - started
+
+
+def measure(model, batch: int, prompt: int, new_tokens: int, prefill_tokens: int) -> dict:
+    """Prefill `prompt` random tokens in each of `batch` sequences, then decode `new_tokens` greedily."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    tokens = torch.randint(0, model.vocab_size, (batch, prompt), device="cuda", generator=gen)
+    chunk = max(1, prefill_tokens // batch)
+    model.start(batch)
+
+    def prefill():
+        for start in range(0, prompt, chunk):
+            logits = model.forward(tokens[:, start:start + chunk])
+        return logits
+
+    def decode():
+        nonlocal logits
+        for _ in range(new_tokens):
+            logits = model.forward(logits.argmax(-1)[:, None])
+
+    with torch.no_grad():
+        logits, prefill_s = timed(prefill)
+        torch.cuda.reset_peak_memory_stats()
+        _, decode_s = timed(decode)
+    return dict(model=model.name, batch=batch, prompt=prompt, prefill_tokens_per_sec=batch * prompt / prefill_s,
+                decode_ms_per_token=1e3 * decode_s / new_tokens, decode_tokens_per_sec=batch * new_tokens / decode_s,
+                decode_peak_gb=torch.cuda.max_memory_allocated() / 1e9)
+
+
+def fla_generate(model: FlaModel, batch: int, prompt: int, new_tokens: int) -> dict:
+    """fla's model through transformers' generate(): greedy, exactly new_tokens tokens."""
+    tokens = torch.randint(0, model.vocab_size, (batch, prompt), device="cuda")
+    run = lambda: model.model.generate(tokens, max_new_tokens=new_tokens, min_new_tokens=new_tokens,  # noqa: E731
+                                       do_sample=False, use_cache=True)
+    with torch.no_grad():
+        run()  # compiles
+        _, seconds = timed(run)
+    return dict(model="fla-gdn generate()", batch=batch, prompt=prompt, generate_s=seconds,
+                ms_per_token_with_prefill=1e3 * seconds / new_tokens)
+
+
+def report(row: dict, out: Path | None) -> None:
+    if "generate_s" in row:
+        print(f"{row['model']:>20} | batch {row['batch']:>3} | prompt {row['prompt']:>6} | {row['generate_s']:.3f} s "
+              f"for the prompt and the new tokens ({row['ms_per_token_with_prefill']:.2f} ms a token)", flush=True)
+    else:
+        print(f"{row['model']:>20} | batch {row['batch']:>3} | prompt {row['prompt']:>6} | prefill "
+              f"{row['prefill_tokens_per_sec']:>10,.0f} tokens/s | decode {row['decode_ms_per_token']:6.2f} ms a token, "
+              f"{row['decode_tokens_per_sec']:>8,.0f} tokens/s | decode peak {row['decode_peak_gb']:.3f} GB", flush=True)
+    if out is not None:
+        with out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, default=ROOT / "launch/configs/1.3b.yaml")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a value of --config for the PRISM model (repeatable)")
+    parser.add_argument("--models", nargs="+", default=["prism", "fla-gdn"], choices=["prism", "fla-gdn"])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--prompts", type=int, nargs="+", default=[1024, 8192, 32768, 131072])
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--prefill-tokens", type=int, default=65536, help="the most tokens in one prefill forward")
+    parser.add_argument("--json", type=Path, help="append one JSON line per row here")
+    args = parser.parse_args()
+    if "fla-gdn" in args.models and args.config.name not in FLA_SHAPES:
+        parser.error(f"fla's model has no shape for {args.config.name}: add one to benchmarks/model_step.py's FLA_SHAPES")
+    print(f"{torch.cuda.get_device_name()} | {args.config.name} {' '.join(args.set)} | "
+          f"{args.new_tokens} new tokens | prefill forwards of at most {args.prefill_tokens} tokens", flush=True)
+    for kind in (PrismModel, FlaModel):
+        if kind.name not in args.models:
+            continue
+        model = kind(args.config, args.set)
+        for batch in args.batches:
+            measure(model, batch, 256, 4, args.prefill_tokens)  # compiles and autotunes for this batch
+            for prompt in args.prompts:
+                report(measure(model, batch, prompt, args.new_tokens, args.prefill_tokens), args.json)
+        if kind is FlaModel:
+            report(fla_generate(model, min(args.batches), min(args.prompts), args.new_tokens), args.json)
+        del model
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
