@@ -54,6 +54,12 @@ class HeadwiseLinear(torch.autograd.Function):
         return dx, torch.bmm(dy_heads.transpose(1, 2), x.transpose(0, 1))
 
 
+def key_init_std(cfg: ModelConfig) -> float:
+    """The init std of the map W_k to the extra keys: by default V^-1/2, so that an unnormalised key
+    starts with about the anchor's norm times sqrt(K/V)."""
+    return cfg.head_v_dim**-0.5 if cfg.solver_key_init_std is None else cfg.solver_key_init_std
+
+
 class AnchorMaps(nn.Module):
     """What the solvers share: parameters of this rank's heads, and per-head linear maps of the anchor
     u to n vectors of size m each. A map is a full matrix per head and output, `{name}_weight`
@@ -111,16 +117,25 @@ class PrismSolver(AnchorMaps):
         self.add_map("gain", L, V, cfg.init_std)
         self.gain_bias = self.head_param((L, V), constant_init(init.gain_bias))
         if L > 1:
-            self.add_map("key", L - 1, K, V**-0.5)
-        self.strength_weight = self.head_param((L, V), normal_init(cfg.init_std))
-        self.strength_bias = self.head_param((L,), constant_init(init.strength_bias))
+            self.add_map("key", L - 1, K, key_init_std(cfg))
+        # The strengths from the anchor: b^1 (unless in_proj makes it from x, as Gated DeltaNet's), then
+        # those of the writes that never erase.
+        extra = init.strength_bias if cfg.solver_extra_strength_bias is None else cfg.solver_extra_strength_bias
+        first = [] if cfg.erase_strength_from_input else [init.strength_bias]
+        biases = first + [extra] * (L - 1)
+        self.strength_weight = self.head_param((cfg.anchor_strengths, V), normal_init(cfg.init_std))
+        self.strength_bias = self.head_param((cfg.anchor_strengths,), constant_init(biases))
         self.maps = ("gain", "key") if L > 1 else ("gain",)
         self.key_dim, self.key_norm = K, init.key_norm
+        self.subtract_anchor = cfg.solver_first_residual != "v"
 
-    def solve(self, u: torch.Tensor, v: torch.Tensor, base_logits: None, fused: bool):
+    def solve(self, u: torch.Tensor, v: torch.Tensor, base_logits: torch.Tensor | None, fused: bool):
         outputs = prism_steps if fused else prism_outputs
-        return outputs(self.project(u, self.maps), self.gain_bias, self.strength_bias, v, u, self.key_dim,
-                       self.key_norm)
+        d, kx, beta = outputs(self.project(u, self.maps), self.gain_bias, self.strength_bias, v,
+                              u if self.subtract_anchor else None, self.key_dim, self.key_norm)
+        if base_logits is None:
+            return d, kx, beta
+        return d, kx, torch.cat([torch.sigmoid(base_logits).unsqueeze(-1), beta], -1)
 
 
 class SplitSolver(AnchorMaps):
@@ -132,7 +147,7 @@ class SplitSolver(AnchorMaps):
         K, V, L, init = cfg.head_k_dim, cfg.head_v_dim, cfg.solver_steps, cfg.solver_init
         self.add_map("gain", L, V, cfg.init_std)
         self.gain_bias = self.head_param((L, V), constant_init(init.gain_bias))
-        self.add_map("key", L, K, V**-0.5)
+        self.add_map("key", L, K, key_init_std(cfg))
         self.strength_weight = self.head_param((L, V), normal_init(cfg.init_std))
         self.strength_bias = self.head_param((L,), constant_init(init.strength_bias))
         self.key_dim, self.key_norm = K, init.key_norm
