@@ -128,11 +128,13 @@ class ModelConfig:
                 raise ValueError(f"model.{name} applies to solver prism only, got solver {self.solver!r}")
         for name, values in (("solver_first_residual", FIRST_RESIDUALS), ("solver_erase_strength", ERASE_STRENGTHS)):
             if getattr(self, name) not in (None, *values):
-                raise ValueError(f"model.{name} must be one of {values} (unset: {values[0]}), got {getattr(self, name)!r}")
+                raise ValueError(f"model.{name} must be one of {values} (unset: {values[0]}), "
+                                 f"got {getattr(self, name)!r}")
         if self.solver == "prism" and self.solver_steps == 1:
             for name in ("solver_extra_strength_bias", "solver_key_init_std"):
                 if getattr(self, name) is not None:
-                    raise ValueError(f"model.{name} needs solver_steps >= 2: prism at L = 1 has no extra writes or keys")
+                    raise ValueError(f"model.{name} needs solver_steps >= 2: prism at L = 1 has no extra "
+                                     "writes or keys")
         if self.solver_key_init_std is not None and self.solver_key_init_std <= 0:
             raise ValueError(f"model.solver_key_init_std must be > 0, got {self.solver_key_init_std}")
         if self.norm_eps <= 0 or self.init_std <= 0:

@@ -4,6 +4,7 @@ anchor u and the value v, per head and token.
 prism, the paper's (docs/PRISM.md section 2, Eq. 9-16):
     r^1 = v - u;  for l = 1..L:  d^l = GELU((W_p^l u + bias_p^l) * r^l),  r^l+1 = r^l - d^l
     kappa^l = l2norm(W_k^l u) (l >= 2),  b^l = sigmoid(w_b^l . u + c^l)
+  with options (docs/SOLVERS.md section 4): r^1 = v; b^1 = sigmoid(b) from in_proj, as Gated DeltaNet's.
 split, the authors' LM form: Gated DeltaNet's write of v along k (strength sigmoid(b)), then L writes
     P^l = sigmoid(W_p^l u + bias_p^l),  delta^l = P^l * prod_{j<l} (1 - P^j) * v
     kappa^l = W_k^l u (l2norm optional),  b^l = sigmoid(w_b^l . u + c^l)

@@ -113,7 +113,8 @@ def test_screen_plan_builds_the_documented_models(plan, monkeypatch, single_proc
     sizes = {}
     for run in runs:
         assert run.status == "pending", run.error
-        assert run.config.training.train_steps * run.config.training.global_batch_size * run.config.data.seq_length == tokens
+        training = run.config.training
+        assert training.train_steps * training.global_batch_size * run.config.data.seq_length == tokens
         with torch.device("meta"):
             sizes[run.configuration.name] = PrismLM(run.config.model, ParallelConfig()).num_parameters()
     assert sizes == documented

@@ -156,7 +156,7 @@ class PrismStepsFunction(torch.autograd.Function):
         _, L, V = gain_bias.shape
         S = strength_bias.shape[1]
         subtract_anchor = u is not None
-        anchor = u if subtract_anchor else v  # r^1 = v: the kernel never reads it
+        anchor = u if subtract_anchor else v  # r^1 = v reads no anchor: v stands in for its pointer
         if (P < L * V + (L - 1) * key_dim + S or projection.stride(2) != 1 or v.stride(2) != 1
                 or anchor.stride(2) != 1):
             raise ValueError(f"projection {tuple(projection.shape)} too narrow for L={L}, S={S}, V={V}, K={key_dim}, "
