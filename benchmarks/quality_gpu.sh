@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One call of the quality comparison (docs/QUALITY.md) on a GPU machine without this project
-# installed (the device tool's): installs the wheels of shared/device/fetch-wheels.sh, rebuilds the
-# code corpus from runs/code-corpus/carry and checks it against the store made where carry/ was
-# (benchmarks/code_corpus.py), unpacks the metrics of runs finished in earlier calls
+# installed (the device tool's): installs the wheels of shared/device/fetch-wheels.sh, makes the store
+# the plan trains on (runs/py40/store: built there from the machine's own sources,
+# benchmarks/py40_store.sh; otherwise runs/code-corpus/store: the code corpus rebuilt from
+# runs/code-corpus/carry and checked against the store made where carry/ was, benchmarks/code_corpus.py),
+# unpacks the metrics of runs finished in earlier calls
 # (runs/quality-metrics.tgz, if carried; a warm machine keeps its own, newer files), then runs
 # benchmarks/quality.py on PLAN with --out runs/quality. The compiled kernels (Triton's and Inductor's
 # caches) of an earlier call come in as runs/compile-cache.tgz, if carried, and go out as
@@ -10,8 +12,8 @@
 #
 #   bash benchmarks/quality_gpu.sh OUT_DIR PLAN [quality.py arguments, e.g. --parallel 2 --time-limit 520]
 #
-# Carry .whl, runs/code-corpus/carry and, after the first call, runs/quality-metrics.tgz and
-# runs/compile-cache.tgz. OUT_DIR gets
+# Carry .whl, runs/code-corpus/carry (for a plan on the code corpus) and, after the first call,
+# runs/quality-metrics.tgz and runs/compile-cache.tgz. OUT_DIR gets
 # corpus.log, quality.log (the harness's output), the plan's quality.md, quality.json and quality.png,
 # quality-metrics.tgz (every run's run.json and metrics.jsonl) and compile-cache.tgz: put those in
 # runs/ for the next call, which then skips the runs that finished. Runs cut short
@@ -36,8 +38,11 @@ python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --target /
 export PYTHONPATH="$root:/tmp/prism_site${PYTHONPATH:+:$PYTHONPATH}"
 cd "$root" || exit 1
 
-python3 benchmarks/code_corpus.py rebuild runs/code-corpus > "$out/corpus.log" 2>&1 \
-    || { tail -5 "$out/corpus.log"; exit 1; }
+if grep -q "runs/py40/store" "$plan"; then
+    bash benchmarks/py40_store.sh runs/py40 > "$out/corpus.log" 2>&1
+else
+    python3 benchmarks/code_corpus.py rebuild runs/code-corpus > "$out/corpus.log" 2>&1
+fi || { tail -5 "$out/corpus.log"; exit 1; }
 tail -1 "$out/corpus.log"
 if [ -f runs/quality-metrics.tgz ]; then
     tar xzf runs/quality-metrics.tgz --skip-old-files || exit 1

@@ -8,9 +8,8 @@
 #
 #   bash benchmarks/rounding_gpu.sh OUT_DIR [quality.py arguments, e.g. --time-limit 420]
 #
-# Carry .whl (shared/device/fetch-wheels.sh). The store is built there as the measurement's was: the
-# first 40 MB of the machine's Python sources in benchmarks/code_corpus.py's order (the standard
-# library, then site-packages), an 8,192-piece BPE tokenizer on 300,000 sampled lines.
+# Carry .whl (shared/device/fetch-wheels.sh). The store is built there as the measurement's was
+# (benchmarks/py40_store.sh).
 # OUT_DIR gets corpus.log, quality.log and the plan's quality.md, quality.json and quality.png,
 # quality-metrics.tgz (every run's metrics), guard.log, curves-gpu.json and guard-mbN.json.
 set -u
@@ -35,30 +34,7 @@ guard() {
 guard > "$out/guard.log" 2>&1 &
 guard_pid=$!
 
-data=runs/py40
-mkdir -p $data
-{
-    python3 - "$data/corpus.jsonl" <<'EOF'
-import sys
-from pathlib import Path
-
-sys.path.insert(0, "benchmarks")
-from code_corpus import python_sources
-from prism_megatron.launch.demo import write_corpus
-
-taken, size = [], 0
-for path in python_sources():
-    if size >= 40_000_000:
-        break
-    taken.append(path)
-    size += path.stat().st_size
-write_corpus(taken, Path(sys.argv[1]))
-EOF
-    python3 -m prism_megatron.data_prep.cli tokenizer $data/corpus.jsonl --output $data/tokenizer.model \
-        --vocab-size 8192 --sample-lines 300000 &&
-    python3 -m prism_megatron.data_prep.cli tokenize $data/corpus.jsonl --tokenizer $data/tokenizer.model \
-        --output $data/store --workers 8
-} > "$out/corpus.log" 2>&1 || { tail -5 "$out/corpus.log"; exit 1; }
+bash benchmarks/py40_store.sh runs/py40 > "$out/corpus.log" 2>&1 || { tail -5 "$out/corpus.log"; exit 1; }
 grep -h "corpus:\|documents from" "$out/corpus.log"
 
 python3 benchmarks/quality.py benchmarks/plans/rounding-125m.yaml --out runs/quality --parallel 3 "$@" 2>&1 \

@@ -5,6 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 SOLVERS = ("prism", "split", "none")
+# prism's first residual r^1 (docs/SOLVERS.md section 2): Eq. 14's v - u, or v.
+FIRST_RESIDUALS = ("v-u", "v")
+# Where prism's erase strength b^1 comes from: the anchor (Eq. 11), or in_proj's b from the layer input
+# x, as Gated DeltaNet's.
+ERASE_STRENGTHS = ("anchor", "input")
 RECOMPUTE = ("none", "selective", "full")
 FUSED_OPS = ("auto", "on", "off")
 # Write directions per token that the Triton kernel takes (tested for L = 1..4).
@@ -48,6 +53,14 @@ class ModelConfig:
     solver_key_norm: bool | None = None
     solver_gain_bias: float | None = None
     solver_strength_bias: float | None = None
+    # prism's first residual r^1 (FIRST_RESIDUALS, unset: v-u) and where its erase strength b^1 comes
+    # from (ERASE_STRENGTHS, unset: anchor): docs/SOLVERS.md section 2.
+    solver_first_residual: str | None = None
+    solver_erase_strength: str | None = None
+    # The initial strength bias of prism's writes 2..L, which never erase (unset: solver_strength_bias).
+    solver_extra_strength_bias: float | None = None
+    # The init std of the map from the anchor to the extra keys (unset: head_v_dim^-1/2).
+    solver_key_init_std: float | None = None
     conv_size: int = 4
     norm_eps: float = 1e-6
     init_std: float = 0.02
@@ -66,6 +79,18 @@ class ModelConfig:
     def write_steps(self) -> int:
         """The number of write directions per token the recurrence gets (1 for Gated DeltaNet)."""
         return {"none": 1, "prism": self.solver_steps, "split": 1 + self.solver_steps}[self.solver]
+
+    @property
+    def erase_strength_from_input(self) -> bool:
+        """Whether in_proj makes the erase strength's logits b from x (Gated DeltaNet, split, and prism
+        with solver_erase_strength input) rather than the solver from the anchor."""
+        return self.solver != "prism" or self.solver_erase_strength == "input"
+
+    @property
+    def anchor_strengths(self) -> int:
+        """The write strengths the solver makes from the anchor, one vector w_b and bias c_b each."""
+        return {"none": 0, "prism": self.solver_steps - self.erase_strength_from_input,
+                "split": self.solver_steps}[self.solver]
 
     @property
     def solver_init(self) -> SolverInit:
@@ -94,9 +119,24 @@ class ModelConfig:
         if self.solver_rank is not None and not 1 <= self.solver_rank < self.head_v_dim:
             raise ValueError(f"model.solver_rank must be in [1, head_v_dim={self.head_v_dim}) (unset: full maps), "
                              f"got {self.solver_rank}")
-        for name in ("solver_rank", "solver_key_norm", "solver_gain_bias", "solver_strength_bias"):
+        for name in ("solver_rank", "solver_key_norm", "solver_gain_bias", "solver_strength_bias",
+                     "solver_key_init_std"):
             if self.solver == "none" and getattr(self, name) is not None:
                 raise ValueError(f"model.{name} does not apply to solver none (Gated DeltaNet has no solver)")
+        for name in ("solver_first_residual", "solver_erase_strength", "solver_extra_strength_bias"):
+            if self.solver != "prism" and getattr(self, name) is not None:
+                raise ValueError(f"model.{name} applies to solver prism only, got solver {self.solver!r}")
+        for name, values in (("solver_first_residual", FIRST_RESIDUALS), ("solver_erase_strength", ERASE_STRENGTHS)):
+            if getattr(self, name) not in (None, *values):
+                raise ValueError(f"model.{name} must be one of {values} (unset: {values[0]}), "
+                                 f"got {getattr(self, name)!r}")
+        if self.solver == "prism" and self.solver_steps == 1:
+            for name in ("solver_extra_strength_bias", "solver_key_init_std"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"model.{name} needs solver_steps >= 2: prism at L = 1 has no extra "
+                                     "writes or keys")
+        if self.solver_key_init_std is not None and self.solver_key_init_std <= 0:
+            raise ValueError(f"model.solver_key_init_std must be > 0, got {self.solver_key_init_std}")
         if self.norm_eps <= 0 or self.init_std <= 0:
             raise ValueError(f"model.norm_eps and model.init_std must be > 0, got {self.norm_eps}, {self.init_std}")
 

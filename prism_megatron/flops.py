@@ -120,12 +120,12 @@ def solver_maps(cfg: ModelConfig) -> list[int]:
 
 def solver_weights(cfg: ModelConfig) -> int:
     """A head's solver weights, each applied once a token: its maps (a low-rank map as its two factors)
-    and the L strength vectors."""
+    and the strength vectors."""
     if cfg.solver == "none":
         return 0
     V, r = cfg.head_v_dim, cfg.solver_rank
     maps = sum(m * V if r is None else r * V + m * r for m in solver_maps(cfg))
-    return maps + cfg.solver_steps * V
+    return maps + cfg.anchor_strengths * V
 
 
 def solver_extra(cfg: ModelConfig) -> int:
@@ -135,7 +135,7 @@ def solver_extra(cfg: ModelConfig) -> int:
     out a low-rank map costs per step, not per token: not counted.)"""
     if cfg.solver == "none":
         return 0
-    width = sum(solver_maps(cfg)) + cfg.solver_steps
+    width = sum(solver_maps(cfg)) + cfg.anchor_strengths
     width += -width % ALIGN_COLUMNS
     return 8 * width * cfg.head_v_dim - 6 * solver_weights(cfg)
 
@@ -146,7 +146,7 @@ def non_embedding_parameters(cfg: ModelConfig) -> int:
     # Per layer: the two block norms, the output norm, the short convolution's taps, A_log and dt_bias.
     vectors = 2 * D + V + sum(InProjLayout.for_config(cfg).conv_sizes) * cfg.conv_size + 2 * H
     if cfg.solver != "none":
-        vectors += H * (cfg.solver_steps * V + cfg.solver_steps)  # the gain and strength biases
+        vectors += H * (cfg.solver_steps * V + cfg.anchor_strengths)  # the gain and strength biases
     return gemm_parameters(cfg) + cfg.num_layers * vectors + D  # + the final norm
 
 

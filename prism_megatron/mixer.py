@@ -4,7 +4,8 @@
       -> causal depthwise conv: SiLU on q, k, v; the anchor u = ShortConv(u^) has none
       -> q, k = l2norm(q), l2norm(k);  g = -exp(A_log) * softplus(a + dt_bias)
       -> solver -> d, kx, beta        (solver "none": d = v, beta = sigmoid(b), L = 1: Gated DeltaNet;
-                                       "split" takes b too, for its write of v along k)
+                                       "split" takes b too, for its write of v along k, and "prism"
+                                       with solver_erase_strength input, for b^1)
       -> o = prism_recurrence(q, k, d, kx, beta, g)
       -> RMSNorm(o) per head * SiLU(z) -> out_proj (row-parallel)
 
@@ -47,7 +48,7 @@ from prism_megatron.token_layout import TokenLayout
 class InProjLayout:
     """The fused in_proj's output parts in order, with their global sizes: q, k, v and (solvers prism
     and split) the anchor u pass through the short convolution; then the gate z, the decay logits a
-    and (Gated DeltaNet and split: a write of v along k) the strength logits b. Every part is split
+    and (ModelConfig.erase_strength_from_input) the erase strength's logits b. Every part is split
     over TP by heads, so at TP size `tp` a rank holds size/tp of each, in the same order."""
 
     parts: tuple[tuple[str, int], ...]
@@ -56,9 +57,9 @@ class InProjLayout:
     @classmethod
     def for_config(cls, cfg: ModelConfig) -> InProjLayout:
         H, K, V = cfg.num_heads, cfg.head_k_dim, cfg.head_v_dim
-        anchor, base_write = cfg.solver != "none", cfg.solver != "prism"
+        anchor = cfg.solver != "none"
         conv = (("q", H * K), ("k", H * K), ("v", H * V)) + ((("u", H * V),) if anchor else ())
-        gates = (("z", H * V), ("a", H)) + ((("b", H),) if base_write else ())
+        gates = (("z", H * V), ("a", H)) + ((("b", H),) if cfg.erase_strength_from_input else ())
         return cls(conv + gates, tuple(name for name, _ in conv))
 
     @property
@@ -147,8 +148,8 @@ class PrismMixer(nn.Module):
 
     def mix(self, sequences: TokenLayout, conv_input: torch.Tensor, halo: torch.Tensor | None, a: torch.Tensor,
             b: torch.Tensor | None) -> torch.Tensor:
-        """in_proj's outputs (the convolution's channels and the halo before them, the decay and, for Gated
-        DeltaNet and the split solver, the strength logits of the write along k) -> the recurrence's output
+        """in_proj's outputs (the convolution's channels and the halo before them, the decay and, where
+        in_proj makes it, the erase strength's logits) -> the recurrence's output
         per head: what model.recompute = selective re-runs in the backward."""
         fused = use_fused(self.fused_ops, conv_input)
         # Nothing between in_proj's output (kept anyway) and the recurrence is kept for the backward: the
@@ -171,7 +172,7 @@ class PrismMixer(nn.Module):
         q, k, v = l2norm(fused, q.reshape(heads)), l2norm(fused, k.reshape(heads)), v.reshape(heads)
         if self.solver is None:
             return q, k, v.unsqueeze(3), None, torch.sigmoid(b).unsqueeze(3)
-        # The split solver also takes b, the strength of its write along k.
+        # The solver takes b where in_proj makes it: split's write along k, prism's b^1 from x.
         return (q, k, *self.solver(u[0].reshape(heads), v, b, fused))
 
     def gated_norm(self, fused: bool, shape: tuple[int, ...], o: torch.Tensor, z: torch.Tensor,

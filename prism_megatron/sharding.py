@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -34,8 +34,9 @@ def uniform_init(low: float, high: float) -> Init:
     return lambda shape, gen, device: torch.empty(shape, device=device).uniform_(low, high, generator=gen)
 
 
-def constant_init(value: float) -> Init:
-    return lambda shape, gen, device: torch.full(shape, value, device=device)
+def constant_init(value: float | Sequence[float]) -> Init:
+    """Every entry `value`; a sequence gives the entries along the last dimension."""
+    return lambda shape, gen, device: torch.tensor(value, device=device).expand(shape).clone()
 
 
 def set_init(param: nn.Parameter, init: Init) -> nn.Parameter:

@@ -4,6 +4,7 @@ anchor u and the value v, per head and token.
 prism, the paper's (docs/PRISM.md section 2, Eq. 9-16):
     r^1 = v - u;  for l = 1..L:  d^l = GELU((W_p^l u + bias_p^l) * r^l),  r^l+1 = r^l - d^l
     kappa^l = l2norm(W_k^l u) (l >= 2),  b^l = sigmoid(w_b^l . u + c^l)
+  with options (docs/SOLVERS.md section 4): r^1 = v; b^1 = sigmoid(b) from in_proj, as Gated DeltaNet's.
 split, the authors' LM form: Gated DeltaNet's write of v along k (strength sigmoid(b)), then L writes
     P^l = sigmoid(W_p^l u + bias_p^l),  delta^l = P^l * prod_{j<l} (1 - P^j) * v
     kappa^l = W_k^l u (l2norm optional),  b^l = sigmoid(w_b^l . u + c^l)
@@ -52,6 +53,12 @@ class HeadwiseLinear(torch.autograd.Function):
         dx = x.new_empty(x.shape)
         torch.bmm(dy_heads, weight, out=dx.transpose(0, 1))
         return dx, torch.bmm(dy_heads.transpose(1, 2), x.transpose(0, 1))
+
+
+def key_init_std(cfg: ModelConfig) -> float:
+    """The init std of the map W_k to the extra keys: by default V^-1/2, so that an unnormalised key
+    starts with about the anchor's norm times sqrt(K/V)."""
+    return cfg.head_v_dim**-0.5 if cfg.solver_key_init_std is None else cfg.solver_key_init_std
 
 
 class AnchorMaps(nn.Module):
@@ -111,16 +118,25 @@ class PrismSolver(AnchorMaps):
         self.add_map("gain", L, V, cfg.init_std)
         self.gain_bias = self.head_param((L, V), constant_init(init.gain_bias))
         if L > 1:
-            self.add_map("key", L - 1, K, V**-0.5)
-        self.strength_weight = self.head_param((L, V), normal_init(cfg.init_std))
-        self.strength_bias = self.head_param((L,), constant_init(init.strength_bias))
+            self.add_map("key", L - 1, K, key_init_std(cfg))
+        # The strengths from the anchor: b^1 (unless in_proj makes it from x, as Gated DeltaNet's), then
+        # those of the writes that never erase.
+        extra = init.strength_bias if cfg.solver_extra_strength_bias is None else cfg.solver_extra_strength_bias
+        first = [] if cfg.erase_strength_from_input else [init.strength_bias]
+        biases = first + [extra] * (L - 1)
+        self.strength_weight = self.head_param((cfg.anchor_strengths, V), normal_init(cfg.init_std))
+        self.strength_bias = self.head_param((cfg.anchor_strengths,), constant_init(biases))
         self.maps = ("gain", "key") if L > 1 else ("gain",)
         self.key_dim, self.key_norm = K, init.key_norm
+        self.subtract_anchor = cfg.solver_first_residual != "v"
 
-    def solve(self, u: torch.Tensor, v: torch.Tensor, base_logits: None, fused: bool):
+    def solve(self, u: torch.Tensor, v: torch.Tensor, base_logits: torch.Tensor | None, fused: bool):
         outputs = prism_steps if fused else prism_outputs
-        return outputs(self.project(u, self.maps), self.gain_bias, self.strength_bias, v, u, self.key_dim,
-                       self.key_norm)
+        d, kx, beta = outputs(self.project(u, self.maps), self.gain_bias, self.strength_bias, v,
+                              u if self.subtract_anchor else None, self.key_dim, self.key_norm)
+        if base_logits is None:
+            return d, kx, beta
+        return d, kx, torch.cat([torch.sigmoid(base_logits).unsqueeze(-1), beta], -1)
 
 
 class SplitSolver(AnchorMaps):
@@ -132,7 +148,7 @@ class SplitSolver(AnchorMaps):
         K, V, L, init = cfg.head_k_dim, cfg.head_v_dim, cfg.solver_steps, cfg.solver_init
         self.add_map("gain", L, V, cfg.init_std)
         self.gain_bias = self.head_param((L, V), constant_init(init.gain_bias))
-        self.add_map("key", L, K, V**-0.5)
+        self.add_map("key", L, K, key_init_std(cfg))
         self.strength_weight = self.head_param((L, V), normal_init(cfg.init_std))
         self.strength_bias = self.head_param((L,), constant_init(init.strength_bias))
         self.key_dim, self.key_norm = K, init.key_norm

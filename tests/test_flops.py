@@ -24,6 +24,8 @@ CONFIGS = {
     "prism-L2-tied": dataclasses.replace(SMALL, solver_steps=2, tie_embeddings=True),
     "solver-none": dataclasses.replace(SMALL, solver="none"),
     "split-L2": dataclasses.replace(SMALL, solver="split", solver_steps=2),
+    # b^1 from x: one strength vector fewer in the solver, one part more in in_proj.
+    "prism-L2-erase-from-input": dataclasses.replace(SMALL, solver_steps=2, solver_erase_strength="input"),
 }
 
 

@@ -181,7 +181,10 @@ def test_recompute_gives_the_same_gradients(recompute, monkeypatch):
 
 
 @pytest.mark.parametrize("solver", [dict(solver="prism"), dict(solver="split", solver_steps=2, solver_rank=4),
-                                    dict(solver="none")], ids=["prism", "split", "none"])
+                                    dict(solver="none"),
+                                    dict(solver="prism", solver_steps=2, solver_first_residual="v",
+                                         solver_erase_strength="input", solver_extra_strength_bias=-2.0)],
+                         ids=["prism", "split", "none", "prism-options"])
 def test_fused_ops_match_the_reference(solver):
     """The fused glue (Triton short convolution under the interpreter, torch.compile's C++ kernels on
     the CPU, the solver's recomputing backward, SwiGLU with the down projection) against the PyTorch

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from test_train import store, write_config  # noqa: F401 (store is a fixture)
@@ -78,9 +79,22 @@ def test_quality_end_to_end(tmp_path, store):
     assert row["seed"] == 3 and row["status"] == "stopped", row
 
 
-def test_screen_plan_builds_the_documented_models(monkeypatch, single_process):
-    """benchmarks/plans/screen.yaml reads, and each configuration is a valid run of the size
-    docs/QUALITY.md states (on the meta device: nothing allocated, nothing trained)."""
+# Per plan: the tokens of each run, and each configuration's parameters as docs/QUALITY.md section 1
+# (screen.yaml) and docs/SOLVERS.md sections 5 and 6 (screen-125m.yaml) state them.
+PLANS = {
+    "screen.yaml": (52_428_800, {"none": 116_830_608, "prism-L2": 127_466_016, "prism-L3": 129_843_816,
+                                 "split-L2-r32": 125_751_840}),
+    "screen-125m.yaml": (9_830_400, {"none": 116_830_608, "prism-L2": 127_466_016, "prism-L1": 125_088_216,
+                                     "prism-L2-first-residual-v": 127_466_016, "prism-L2-erase-from-input": 127_512_024,
+                                     "prism-L2-extra-strength-4": 127_466_016, "prism-L2-conv7": 127_576_608,
+                                     "split-L2-r32-authors-init": 125_751_840, "none-ffn2432": 127_447_440}),
+}
+
+
+@pytest.mark.parametrize("plan", PLANS)
+def test_screen_plan_builds_the_documented_models(plan, monkeypatch, single_process):
+    """A screen's plan reads, and each configuration is a valid run of the documented size and tokens
+    (on the meta device: nothing allocated, nothing trained)."""
     import importlib.util
 
     import torch
@@ -93,13 +107,14 @@ def test_screen_plan_builds_the_documented_models(monkeypatch, single_process):
     monkeypatch.setitem(sys.modules, "quality", harness)  # its dataclasses look their module up
     spec.loader.exec_module(harness)
     monkeypatch.chdir(QUALITY.parents[1])  # plans name their paths from the repository root
-    configurations, seeds = harness.read_plan(Path("benchmarks/plans/screen.yaml"), [], None, [])
+    configurations, seeds = harness.read_plan(Path("benchmarks/plans") / plan, [], None, [])
     runs = harness.make_runs(configurations, seeds, Path("unused"))
-    documented = {"none": 116_830_608, "prism-L2": 127_466_016, "prism-L3": 129_843_816, "split-L2-r32": 125_751_840}
+    tokens, documented = PLANS[plan]
     sizes = {}
     for run in runs:
         assert run.status == "pending", run.error
-        assert run.config.training.train_steps * run.config.training.global_batch_size * run.config.data.seq_length >= 50e6
+        training = run.config.training
+        assert training.train_steps * training.global_batch_size * run.config.data.seq_length == tokens
         with torch.device("meta"):
             sizes[run.configuration.name] = PrismLM(run.config.model, ParallelConfig()).num_parameters()
     assert sizes == documented

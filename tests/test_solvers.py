@@ -1,6 +1,7 @@
 """The solvers of docs/SOLVERS.md (prism, split, none) and their options (rank, key normalisation,
-initial biases): the mixer against a float64 token loop written here from the equations, parameter
-counts against the documented formulas, and config errors."""
+initial biases and key scale, prism's first residual and erase strength): the mixer's output and
+gradients against a float64 token loop written here from the equations, parameter counts against the
+documented formulas, and config errors."""
 from __future__ import annotations
 
 import math
@@ -35,12 +36,15 @@ def _writes(cfg, solver, h, u, v, k, b):
     if cfg.solver == "none":
         return [(torch.sigmoid(b), k, v)]
     L, init = cfg.solver_steps, cfg.solver_init
-    strength = [torch.sigmoid(solver.strength_weight[h, l] @ u + solver.strength_bias[h, l]) for l in range(L)]
+    strength = [torch.sigmoid(solver.strength_weight[h, s] @ u + solver.strength_bias[h, s])
+                for s in range(solver.strength_bias.shape[1])]
     gain = [_head_map(solver, "gain", h, l) @ u + solver.gain_bias[h, l] for l in range(L)]
     if cfg.solver == "prism":  # Eq. 11-16
+        if cfg.solver_erase_strength == "input":  # b^1 from x, as Gated DeltaNet's
+            strength = [torch.sigmoid(b)] + strength
         keys = [k] + [_head_map(solver, "key", h, l) @ u for l in range(L - 1)]
         keys = keys[:1] + [_l2norm(x) if init.key_norm else x for x in keys[1:]]
-        residual, writes = v - u, []
+        residual, writes = v if cfg.solver_first_residual == "v" else v - u, []
         for l in range(L):
             d = F.gelu(gain[l] * residual)
             writes.append((strength[l], keys[l], d))
@@ -99,7 +103,26 @@ VARIANTS = {
     "split-L3": dict(solver="split", solver_steps=3),
     "split-L2-rank3-options": dict(solver="split", solver_steps=2, solver_rank=3, solver_key_norm=True,
                                    solver_gain_bias=-0.5, solver_strength_bias=1.0),
+    # The candidates of issue 31's screen (docs/SOLVERS.md section 4).
+    "prism-L2-first-residual-v": dict(solver="prism", solver_steps=2, solver_first_residual="v"),
+    "prism-L3-erase-from-input": dict(solver="prism", solver_steps=3, solver_erase_strength="input",
+                                      solver_extra_strength_bias=-3.0),
+    "prism-L2-extra-strength-bias": dict(solver="prism", solver_steps=2, solver_strength_bias=0.5,
+                                         solver_extra_strength_bias=-4.0, solver_key_init_std=0.01),
+    "prism-L1-erase-from-input-v": dict(solver="prism", solver_steps=1, solver_erase_strength="input",
+                                        solver_first_residual="v"),
+    "split-L2-rank3-key-init-std": dict(solver="split", solver_steps=2, solver_rank=3, solver_strength_bias=0.0,
+                                        solver_key_init_std=0.006),
 }
+
+
+def initial_strength_biases(cfg: ModelConfig) -> list[float]:
+    """docs/SOLVERS.md's initial c_b of each strength the solver makes from the anchor."""
+    init, L = cfg.solver_init, cfg.solver_steps
+    if cfg.solver == "split":
+        return [init.strength_bias] * L
+    extra = init.strength_bias if cfg.solver_extra_strength_bias is None else cfg.solver_extra_strength_bias
+    return ([] if cfg.solver_erase_strength == "input" else [init.strength_bias]) + [extra] * (L - 1)
 
 
 def _mixer(variant, backend="torch"):
@@ -111,19 +134,28 @@ def _mixer(variant, backend="torch"):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_mixer_matches_token_loop(variant):
+    """Output, and the gradients of the input and every parameter."""
     mixer, cfg = _mixer(variant)
     if mixer.solver is not None:  # the biases start where the config says
-        init = cfg.solver_init
-        assert torch.all(mixer.solver.gain_bias == init.gain_bias) and torch.all(mixer.solver.strength_bias == init.strength_bias)
+        biases = torch.tensor(initial_strength_biases(cfg), dtype=torch.float64)
+        assert torch.all(mixer.solver.gain_bias == cfg.solver_init.gain_bias)
+        assert torch.equal(mixer.solver.strength_bias, biases.expand(mixer.solver.strength_bias.shape))
     # Generic weights, so that a mixed-up index or a missing term shows.
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in mixer.parameters():
             p.add_(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-    x = torch.randn(2, 9, SMALL["hidden_size"], dtype=torch.float64, generator=gen)
-    with torch.no_grad():
-        got = mixer(x, WholeSequences(torch.arange(9).expand(2, 9), None))
-        torch.testing.assert_close(got, reference_mixer(mixer, cfg, x), atol=1e-12, rtol=1e-10)
+    x = torch.randn(2, 9, SMALL["hidden_size"], dtype=torch.float64, generator=gen, requires_grad=True)
+    dy = torch.randn(2, 9, SMALL["hidden_size"], dtype=torch.float64, generator=gen)
+    inputs = [x, *mixer.parameters()]
+    got = mixer(x, WholeSequences(torch.arange(9).expand(2, 9), None))
+    expected = reference_mixer(mixer, cfg, x)
+    torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-10)
+    names = ["x"] + [name for name, _ in mixer.named_parameters()]
+    # materialize_grads: prism at L = 1 with b^1 from x has empty strength parameters, which the loop skips.
+    expected_grads = torch.autograd.grad(expected, inputs, dy, materialize_grads=True)
+    for name, a, b in zip(names, torch.autograd.grad(got, inputs, dy), expected_grads):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10, msg=name)
 
 
 def solver_parameters(cfg: ModelConfig) -> int:
@@ -132,11 +164,12 @@ def solver_parameters(cfg: ModelConfig) -> int:
     if cfg.solver == "none":
         return 0
     keys = L - 1 if cfg.solver == "prism" else L
+    strengths = L - (cfg.solver_erase_strength == "input")  # b^1 from x: not the solver's
 
     def maps(outputs, size):
         return 0 if outputs == 0 else (outputs * size * V if r is None else r * V + outputs * size * r)
 
-    return H * (maps(L, V) + L * V + maps(keys, K) + L * V + L)
+    return H * (maps(L, V) + L * V + maps(keys, K) + strengths * V + strengths)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -146,8 +179,9 @@ def test_parameter_count(variant):
     counted = sum(p.numel() for p in mixer.solver.parameters()) if mixer.solver is not None else 0
     assert counted == solver_parameters(cfg)
     H, K, V, D = cfg.num_heads, cfg.head_k_dim, cfg.head_v_dim, cfg.hidden_size
-    anchor, base_write = cfg.solver != "none", cfg.solver != "prism"
-    assert mixer.in_proj.weight.numel() == D * (2 * H * K + 2 * H * V + H + anchor * H * V + base_write * H)
+    anchor = cfg.solver != "none"
+    b_from_x = cfg.solver != "prism" or cfg.solver_erase_strength == "input"
+    assert mixer.in_proj.weight.numel() == D * (2 * H * K + 2 * H * V + H + anchor * H * V + b_from_x * H)
 
 
 def test_unset_options_take_the_solver_defaults():
@@ -164,11 +198,29 @@ def test_unset_options_take_the_solver_defaults():
     (dict(solver="none", solver_rank=8), "model.solver_rank"),
     (dict(solver="none", solver_key_norm=False), "model.solver_key_norm"),
     (dict(solver="none", solver_strength_bias=2.0), "model.solver_strength_bias"),
+    (dict(solver="none", solver_key_init_std=0.01), "model.solver_key_init_std"),
+    (dict(solver_key_init_std=0.0), "model.solver_key_init_std"),
+    (dict(solver_steps=1, solver_key_init_std=0.01), "model.solver_key_init_std"),  # no extra keys
+    (dict(solver_first_residual="u"), "model.solver_first_residual"),
+    (dict(solver="split", solver_first_residual="v"), "model.solver_first_residual"),
+    (dict(solver_erase_strength="x"), "model.solver_erase_strength"),
+    (dict(solver="none", solver_erase_strength="input"), "model.solver_erase_strength"),
+    (dict(solver="split", solver_extra_strength_bias=-6.0), "model.solver_extra_strength_bias"),
+    (dict(solver_steps=1, solver_extra_strength_bias=-6.0), "model.solver_extra_strength_bias"),
 ])
 def test_bad_solver_config_names_the_key(fields, key):
     with pytest.raises(ValueError, match=key) as error:
         ModelConfig(**fields).validate()
     assert "\n" not in str(error.value)
+
+
+def test_key_init_std_scales_the_key_map():
+    """solver_key_init_std draws the same map W_k (seeded by its name) at another std than V^-1/2."""
+    from prism_megatron.model import PrismLM
+
+    maps = [PrismLM(ModelConfig(**SMALL, solver="split", solver_steps=2, **fields), ParallelConfig(), seed=0)
+            .layers[0].mixer.solver.key_weight for fields in ({}, dict(solver_key_init_std=0.006))]
+    torch.testing.assert_close(maps[1], maps[0] * 0.006 * SMALL["head_v_dim"] ** 0.5, rtol=3e-7, atol=0)
 
 
 def test_headwise_linear_matches_einsum():

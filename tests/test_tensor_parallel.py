@@ -144,7 +144,10 @@ def _check_errors(tp: int):
 @pytest.mark.parametrize("tp,sequence_parallel,tie_embeddings,solver", [
     (2, (False, True), False, {}), (4, (True,), True, {}),
     # The split solver with low-rank maps: L + 1 = 4 directions, in_proj's b part, per-head factors.
-    (2, (True,), False, dict(solver="split", solver_steps=3, solver_rank=4))], ids=["tp2", "tp4", "tp2-split"])
+    (2, (True,), False, dict(solver="split", solver_steps=3, solver_rank=4)),
+    # prism with b^1 from in_proj's b part and L - 1 strengths from the anchor.
+    (2, (True,), False, dict(solver="prism", solver_steps=2, solver_erase_strength="input"))],
+    ids=["tp2", "tp4", "tp2-split", "tp2-prism-erase-from-input"])
 def test_tp_matches_tp1(tp, sequence_parallel, tie_embeddings, solver):
     """Same logits, loss, gradients (gathered) and weights after AdamW steps as TP=1, with and
     without SP; replicated parameters identical on every TP rank; clear errors for sizes that do

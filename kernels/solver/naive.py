@@ -15,14 +15,16 @@ from prism_megatron.kernels.fused.l2norm import l2norm
 
 
 def prism_outputs(projection: torch.Tensor, gain_bias: torch.Tensor, strength_bias: torch.Tensor,
-                  v: torch.Tensor, u: torch.Tensor, key_dim: int, key_norm: bool):
-    """prism's elementwise part (fused: prism_steps.py). projection [N, H, >= L*V + (L-1)*K + L]: per
-    token and head the gains (before their bias), the extra keys and the strength logits; v, u [N, H, V]
-    -> d [N, H, L, V], kx [N, H, L-1, K] or None, beta [N, H, L]."""
+                  v: torch.Tensor, u: torch.Tensor | None, key_dim: int, key_norm: bool):
+    """prism's elementwise part (fused: prism_steps.py). projection [N, H, >= L*V + (L-1)*K + S]: per
+    token and head the gains (before their bias), the extra keys and S strength logits (S = L, or L-1
+    where b^1 comes from x); v [N, H, V], u [N, H, V] (r^1 = v - u) or None (r^1 = v)
+    -> d [N, H, L, V], kx [N, H, L-1, K] or None, beta [N, H, S]."""
     _, L, V = gain_bias.shape
     keys = (L - 1) * key_dim
+    strengths = strength_bias.shape[1]
     gain = projection[..., : L * V].unflatten(-1, (L, V)) + gain_bias
-    residual, steps = v - u, []
+    residual, steps = v if u is None else v - u, []
     for step in range(L):
         d = F.gelu(gain[:, :, step] * residual)
         steps.append(d)
@@ -31,7 +33,7 @@ def prism_outputs(projection: torch.Tensor, gain_bias: torch.Tensor, strength_bi
     if L > 1:
         kx = projection[..., L * V: L * V + keys].unflatten(-1, (L - 1, key_dim))
         kx = l2norm.eager(kx) if key_norm else kx
-    beta = torch.sigmoid(projection[..., L * V + keys: L * V + keys + L] + strength_bias)
+    beta = torch.sigmoid(projection[..., L * V + keys: L * V + keys + strengths] + strength_bias)
     return torch.stack(steps, dim=2), kx, beta
 
 
