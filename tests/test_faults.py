@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from multiprocessing import get_context
 from pathlib import Path
@@ -253,13 +254,22 @@ def test_a_requeued_run_waits_for_its_own_jobs_earlier_run_and_for_no_other(tmp_
     lock.release()
     holder.join()
 
-    monkeypatch.delenv("SLURM_RESTART_COUNT")
+    # One that goes silent while waited for is taken over.
+    held = context.Event()
+    holder = context.Process(target=_hold_from_elsewhere, args=(tmp_path, 0.4, held))
+    holder.start()
+    assert held.wait(60)
+    threading.Timer(1.0, holder.kill).start()
+    lock = RunLock(tmp_path, stale_after=0.4)
+    assert "longer than training.fault_timeout=0.4" in (lock.acquire(patience=60) or "")
+    lock.release()
+    holder.join()
+
     held = context.Event()
     holder = context.Process(target=_hold_from_elsewhere, args=(tmp_path, 0.4, held))
     holder.start()
     assert held.wait(60)
     try:
-        monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
         started = time.monotonic()
         with pytest.raises(RunLockError, match=f"in use by another run \\(host elsewhere, pid {holder.pid}, "
                                                "Slurm job 77.*; still alive after 1 s of waiting"):
