@@ -3,10 +3,10 @@ works on shared file systems where flock does not (it relies only on link() and 
 atomic, as they are on NFS and Lustre).
 
     lock = RunLock(cfg.checkpoint.dir, stale_after=cfg.training.fault_timeout)
-    line = lock.acquire()   # RunLockError naming a live holder; a line when it took over a dead one's
+    line = lock.acquire(patience)  # RunLockError naming a live holder; a line when it took over a dead one's
     ...
-    lock.check()            # RunLockError if another run has taken the folder over since
-    lock.release()          # also done at interpreter exit
+    lock.check()                   # RunLockError if another run has taken the folder over since
+    lock.release()                 # also done at interpreter exit
 
 `DIR/run.lock` holds the holder's host, pid, Slurm job id, start time and a token of its own; its
 modification time is the heartbeat, which a thread refreshes every stale_after / 4 seconds (10 at
@@ -14,6 +14,11 @@ most). A lock belongs to its holder until the holder is gone: no heartbeat for l
 `stale_after`, or, on the holder's own host, a pid that no longer exists. A run that finds such a
 lock renames it aside (of several runs doing so at once, one rename succeeds; a run that moved a
 lock fresher than the one it judged puts it back) and then creates its own.
+
+A live holder is refused at once, except an earlier run of the Slurm job that this run is a
+requeue of: it may still be finishing on a node that Slurm gave up on (declared down, and requeued
+the job from). That one is waited for, up to `patience` seconds, to release the lock or go silent;
+still alive after that, it is refused too.
 """
 from __future__ import annotations
 
@@ -73,11 +78,13 @@ class RunLock:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def acquire(self) -> str | None:
+    def acquire(self, patience: float = 0.0) -> str | None:
         """Hold the folder's lock, taking over one whose holder is gone (returning a line saying
-        so); raise RunLockError naming a live holder."""
+        so); raise RunLockError naming a live holder, after waiting up to `patience` seconds for
+        one that is an earlier run of this Slurm job."""
         with disk_errors_named(f"checkpoint.dir {self.folder}"):
             self.folder.mkdir(parents=True, exist_ok=True)
+        deadline = time.monotonic() + patience
         took_over = None
         for _ in range(_ATTEMPTS):
             if self._create():
@@ -85,11 +92,17 @@ class RunLock:
             holder = self._read()
             if holder is None:  # released or moved aside since: try again
                 continue
+            why = self._gone(holder, time.time())
+            waited = ""
+            if why is None and self._predecessor(holder):
+                holder, why = self._wait(holder, deadline, patience)
+                if holder is None:  # released or moved aside while we waited: try again
+                    continue
+                waited = f"; still alive after {patience:.0f} s of waiting for this job's previous run to end"
             now = time.time()
-            why = self._gone(holder, now)
             if why is None:
                 raise RunLockError(f"checkpoint.dir {self.folder} is in use by another run ({holder.describe(now)}; "
-                                   f"{self.path}): wait for it to end, or remove {self.path} if it is gone")
+                                   f"{self.path}){waited}: wait for it to end, or remove {self.path} if it is gone")
             if self._move_aside(holder):
                 took_over = (f"checkpoint.dir {self.folder}: took over the lock of a run that is gone "
                              f"({holder.describe(now)}): {why}")
@@ -166,6 +179,30 @@ class RunLock:
             if holder.pid == os.getpid() or not _pid_exists(holder.pid):
                 return f"pid {holder.pid} no longer exists on {holder.host}"
         return None
+
+    def _predecessor(self, holder: Holder) -> bool:
+        """Whether the holder is an earlier run of the Slurm job this run is a requeue of (two runs
+        started by hand in one allocation share its job id too, but not as a restart)."""
+        job = os.environ.get("SLURM_JOB_ID")
+        requeued = int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
+        return requeued and holder.job == job and holder.token != self.token
+
+    def _wait(self, holder: Holder, deadline: float, patience: float) -> tuple[Holder | None, str | None]:
+        """Watch a live holder until the deadline: (None, None) once its lock is released or
+        replaced, (holder, why) once it is gone, (holder, None) if it is still alive."""
+        if time.monotonic() < deadline:
+            log.warning(f"prism-train: checkpoint.dir {self.folder} is still held by this job's previous run "
+                        f"({holder.describe(time.time())}): waiting up to {patience:.0f} s for it to end")
+        while time.monotonic() < deadline:
+            time.sleep(min(1.0, self.stale_after / 4))
+            now_held = self._read()
+            if now_held is None or now_held.inode != holder.inode:
+                return None, None
+            holder = now_held
+            why = self._gone(holder, time.time())
+            if why is not None:
+                return holder, why
+        return holder, None
 
     def _move_aside(self, judged: Holder) -> bool:
         """Rename the lock judged gone out of the way; False if another run got there first."""

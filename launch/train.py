@@ -64,7 +64,10 @@ def train(cfg: RunConfig, resume: bool = False, progress=None, allow_change: Seq
     preflight.check_start(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     # The folder is this run's alone, from before the resume picks a checkpoint to the end (rank 0 holds it).
     lock = run_lock.RunLock(cfg.checkpoint.dir, cfg.training.fault_timeout) if os.environ.get("RANK", "0") == "0" else None
-    if lock is not None and (took_over := lock.acquire()):
+    # A requeued job waits for its predecessor, but not past the moment the other ranks, waiting for
+    # rank 0 to join the process group, give up on it (after fault_timeout).
+    patience = cfg.training.fault_timeout - min(30.0, cfg.training.fault_timeout / 4)
+    if lock is not None and (took_over := lock.acquire(patience)):
         log.warning(took_over)
     try:
         return _train_holding_the_folder(cfg, resume, progress, allow_change, lock)

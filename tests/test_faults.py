@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from multiprocessing import get_context
 from pathlib import Path
@@ -192,11 +193,13 @@ def stale_lock(folder: Path, host: str = "elsewhere", age: float = 3600.0) -> No
     os.utime(path, (time.time() - age, time.time() - age))
 
 
-def _hold_from_elsewhere(folder, stale_after, held):
+def _hold_from_elsewhere(folder, stale_after, held, seconds=600.0):
     socket.gethostname = lambda: "elsewhere"  # so that only the heartbeat says it is alive
-    RunLock(folder, stale_after).acquire()
+    lock = RunLock(folder, stale_after)
+    lock.acquire()
     held.set()
-    time.sleep(600)
+    time.sleep(seconds)
+    lock.release()
 
 
 def test_run_lock_refuses_a_live_holder_and_takes_over_a_silent_one(tmp_path):
@@ -234,6 +237,55 @@ def test_run_lock_refuses_a_live_holder_and_takes_over_a_silent_one(tmp_path):
         lock.check()
     lock.release()
     assert (tmp_path / LOCK_FILE).exists()
+
+
+def test_a_requeued_run_waits_for_its_own_jobs_earlier_run_and_for_no_other(tmp_path, monkeypatch, caplog):
+    context = get_context("fork")
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    held = context.Event()
+    holder = context.Process(target=_hold_from_elsewhere, args=(tmp_path, 0.4, held, 2.0))
+    holder.start()
+    assert held.wait(60)
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    lock = RunLock(tmp_path, stale_after=0.4)
+    assert lock.acquire(patience=60) is None  # the earlier run released it after 2 s
+    assert f"still held by this job's previous run (host elsewhere, pid {holder.pid}, Slurm job 77" in caplog.text
+    assert "waiting up to 60 s for it to end" in caplog.text
+    lock.release()
+    holder.join()
+
+    # One that goes silent while waited for is taken over.
+    held = context.Event()
+    holder = context.Process(target=_hold_from_elsewhere, args=(tmp_path, 0.4, held))
+    holder.start()
+    assert held.wait(60)
+    threading.Timer(1.0, holder.kill).start()
+    lock = RunLock(tmp_path, stale_after=0.4)
+    assert "longer than training.fault_timeout=0.4" in (lock.acquire(patience=60) or "")
+    lock.release()
+    holder.join()
+
+    held = context.Event()
+    holder = context.Process(target=_hold_from_elsewhere, args=(tmp_path, 0.4, held))
+    holder.start()
+    assert held.wait(60)
+    try:
+        started = time.monotonic()
+        with pytest.raises(RunLockError, match=f"in use by another run \\(host elsewhere, pid {holder.pid}, "
+                                               "Slurm job 77.*; still alive after 1 s of waiting"):
+            RunLock(tmp_path, stale_after=0.4).acquire(patience=1.0)
+        assert time.monotonic() - started >= 1.0
+        # Another job's run, or a first start of this one, is refused at once.
+        for job, restarts in (("78", "1"), ("77", "0")):
+            monkeypatch.setenv("SLURM_JOB_ID", job)
+            monkeypatch.setenv("SLURM_RESTART_COUNT", restarts)
+            started = time.monotonic()
+            with pytest.raises(RunLockError, match="in use by another run") as refused:
+                RunLock(tmp_path, stale_after=0.4).acquire(patience=60)
+            assert time.monotonic() - started < 10 and "waiting" not in str(refused.value)
+    finally:
+        holder.kill()
+        holder.join()
 
 
 def _take_over(folder, start, results):

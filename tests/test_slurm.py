@@ -3,9 +3,10 @@ slurmctld and two slurmd on this host acting as two nodes (n1, n2; one task each
 
 A 2-node job runs to the end; the same job preempted mid-run saves, requeues, resumes and
 reproduces the uninterrupted run's losses step by step; a rank killed with SIGKILL ends the job
-within training.fault_timeout, and the requeued job resumes from the last checkpoint; the prep
-array job plus its merge gives the store of one `prism-prep tokenize`; the scaling harness runs
-over both nodes and writes its reports.
+within training.fault_timeout, and the requeued job resumes from the last checkpoint; a job
+requeued from a node that stopped answering, while its processes there still train, never writes
+beside them: it waits, then refuses naming them; the prep array job plus its merge gives the store
+of one `prism-prep tokenize`; the scaling harness runs over both nodes and writes its reports.
 """
 import json
 import os
@@ -22,7 +23,6 @@ import psutil
 import pytest
 
 from prism_megatron.data_prep.store import TokenStore
-from prism_megatron.launch.metrics import read_metrics
 from prism_megatron.process_groups import free_port
 from test_train import losses, store, write_config  # noqa: F401  (store is a fixture)
 
@@ -108,10 +108,14 @@ def sbatch(env, *args, cwd) -> int:
     return int(out.strip().split(";")[0])
 
 
-def job_state(env, job: int) -> str:
+def job_field(env, job: int, name: str) -> str:
     out = subprocess.run(["scontrol", "show", "job", str(job), "-o"], capture_output=True, text=True,
                          env=env).stdout
-    return re.search(r"JobState=(\S+)", out).group(1)
+    return re.search(rf"\b{name}=(\S+)", out).group(1)
+
+
+def job_state(env, job: int) -> str:
+    return job_field(env, job, "JobState")
 
 
 def wait_for(what, check, timeout=300.0, every=0.2):
@@ -122,11 +126,24 @@ def wait_for(what, check, timeout=300.0, every=0.2):
     return found
 
 
-def last_step(folder: Path) -> int:
+def metrics_lines(folder: Path) -> list[dict]:
+    """The records of the run's metrics.jsonl in the order written (read_metrics keeps only the
+    latest of a step)."""
     path = folder / "tb" / "metrics.jsonl"
     if not path.exists():
-        return 0
-    return max((json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()), default=0)
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def last_step(folder: Path) -> int:
+    return max((record["step"] for record in metrics_lines(folder)), default=0)
+
+
+def rank_process(config: Path, rank: int) -> psutil.Process:
+    """The prism-train process of `rank` in a run of `config`."""
+    return next(p for p in psutil.process_iter(["cmdline"])
+                if str(config) in " ".join(p.info["cmdline"] or []) and "prism-train" in " ".join(p.info["cmdline"])
+                and "torchrun" not in " ".join(p.info["cmdline"]) and p.environ().get("RANK") == str(rank))
 
 
 def train_job(env, folder: Path, config: Path) -> int:
@@ -188,10 +205,7 @@ def test_killed_rank_ends_the_job_and_the_requeue_resumes(slurm, store, referenc
                           checkpoint={"save_interval": 4}, logging={"eval_interval": 10})
     job = train_job(slurm, tmp_path, config)
     wait_for("a checkpoint and a few steps", lambda: last_step(tmp_path) >= 6)
-    victim = next(p for p in psutil.process_iter(["cmdline"])
-                  if str(config) in " ".join(p.info["cmdline"] or []) and "prism-train" in " ".join(p.info["cmdline"])
-                  and "torchrun" not in " ".join(p.info["cmdline"]) and p.environ().get("RANK") == "1")
-    victim.kill()
+    rank_process(config, 1).kill()
     killed = time.monotonic()
     wait_for("the failure", lambda: "training failed" in (tmp_path / "job.out").read_text(),
              timeout=fault_timeout + 30)
@@ -205,6 +219,71 @@ def test_killed_rank_ends_the_job_and_the_requeue_resumes(slurm, store, referenc
     reference_losses, resumed = losses(reference[0]), losses(tmp_path)
     for step in sorted(reference_losses):
         assert resumed[step] == reference_losses[step], f"step {step}"
+
+
+def test_requeued_job_never_writes_beside_a_predecessor_still_running(slurm, store, tmp_path):
+    """A node that stops answering is declared down and its job requeued, with nobody knowing
+    whether the job's processes there have ended: here they have not, and keep training into the
+    folder. The requeued run waits for them (a bounded time), then refuses naming them; it writes
+    nothing, and the job is not requeued again.
+
+    The node stops answering for real (its slurmd is frozen, so the kill Slurm sends never arrives)
+    and is marked down with scontrol, as slurmctld would do itself after SlurmdTimeout (300 s)."""
+    fault_timeout = 60
+    config = write_config(tmp_path, store, training={"train_steps": 100_000, "fault_timeout": fault_timeout},
+                          checkpoint={"save_interval": 5}, logging={"eval_interval": 100_000})
+    job = sbatch(slurm, "-N", 1, "-J", "train", f"--output={tmp_path}/job.out", REPO / "slurm" / "train.sbatch",
+                 config, cwd=tmp_path)
+    wait_for("a checkpoint and a few steps", lambda: last_step(tmp_path) >= 7)
+    node = job_field(slurm, job, "BatchHost")
+    predecessor = rank_process(config, 0)
+    slurmd = int((Path(slurm["SLURM_CONF"]).parent / f"{node}.pid").read_text())
+    os.kill(slurmd, signal.SIGSTOP)
+    try:
+        subprocess.run(["scontrol", "update", f"NodeName={node}", "State=DOWN", "Reason=not responding"],
+                       check=True, env=slurm)
+        wait_for("the requeued job to wait", lambda: "waiting up to" in (tmp_path / "job.out").read_text(),
+                 timeout=300)
+        step_when_waiting = last_step(tmp_path)
+        wait_for(f"job {job} to end", lambda: job_state(slurm, job) == "FAILED", timeout=300)
+        log = (tmp_path / "job.out").read_text()
+        # Only the predecessor wrote: a second writer would have gone on from a checkpoint (or from
+        # scratch), logging steps already logged.
+        steps = [record["step"] for record in metrics_lines(tmp_path) if "loss" in record]
+        assert all(a < b for a, b in zip(steps, steps[1:])), \
+            f"steps logged again: {[(a, b) for a, b in zip(steps, steps[1:]) if a >= b][:5]}"
+        assert "resumed from" not in log
+        # ... and went on writing all along.
+        assert predecessor.is_running() and last_step(tmp_path) > step_when_waiting, log[-3000:]
+        assert json.loads((tmp_path / "ckpt" / "run.lock").read_text())["pid"] == predecessor.pid
+        holder = f"host {socket.gethostname()}, pid {predecessor.pid}, Slurm job {job}"
+        patience = 45  # fault_timeout less min(30 s, a quarter of it)
+        assert f"still held by this job's previous run ({holder}" in log
+        assert f"waiting up to {patience} s for it to end" in log
+        refusals = [line for line in log.splitlines() if line.startswith("prism-train: error:")]
+        assert len(refusals) == 1, log[-3000:]
+        assert f"is in use by another run ({holder}" in refusals[0]
+        assert f"still alive after {patience} s of waiting" in refusals[0]
+        assert "restart 1: training stopped with exit code 1: checkpoint.dir" in log and "; not requeued" in log
+    finally:
+        kill_job_processes(job)
+        os.kill(slurmd, signal.SIGCONT)
+        subprocess.run(["scontrol", "update", f"NodeName={node}", "State=RESUME"], env=slurm)
+        wait_for("both nodes to be idle again", lambda: sinfo(slurm).split() == ["idle", "2"], timeout=120)
+
+
+def kill_job_processes(job: int) -> None:
+    """SIGKILL every process of `job` still on this host, each stopped first so that none reacts to
+    another's end (a batch shell whose srun ends requeues the job)."""
+    steps = [p for p in psutil.process_iter(["cmdline"])
+             if " ".join(p.info["cmdline"] or []).startswith(f"slurmstepd: [{job}.")]
+    processes = [q for p in steps for q in [p, *p.children(recursive=True)]]
+    for stop in (psutil.Process.suspend, psutil.Process.kill):
+        for process in processes:
+            try:
+                stop(process)
+            except psutil.NoSuchProcess:
+                pass
 
 
 def test_prep_array_and_merge_make_the_store_of_one_tokenize(slurm, tmp_path):
