@@ -48,6 +48,12 @@ def build_engine(cfg: RunConfig, model: torch.nn.Module):
                 # bf16). At ZeRO-1 this selects DeepSpeed's bf16 optimizer, which also checks for
                 # non-finite gradients through the global norm alone, not with a pass over every gradient.
                 "data_types": {"grad_accum_dtype": "fp32"},
+                # That optimizer's accumulator is reduced over the data-parallel ranks once a step, cast
+                # to the communication type first, which for bf16 runs is bf16 unless set: even on one
+                # rank the accumulated gradient would reach the norm, the clip and Adam rounded to bf16
+                # (docs/QUALITY.md section 10). ZeRO-2 and 3 reduce each micro batch's bf16 gradients
+                # before accumulating them, and keep bf16 on the wire.
+                **({"communication_data_type": "fp32"} if t.zero_stage == 1 else {}),
                 # ZeRO wraps our AdamW instance.
                 "zero_allow_untested_optimizer": True,
                 "steps_per_print": 1 << 62,
