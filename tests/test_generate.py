@@ -128,9 +128,13 @@ def test_bad_input_is_one_line(case, exported, tmp_path):
         "negative-tokens": ((exported, "--max-new-tokens", -3), 2, "--max-new-tokens must be >= 1"),
         "ids-outside": ((exported, "--prompt-ids", f"5,{VOCAB},-1"), 2, f"ids [{VOCAB}, -1] are outside"),
     }[case]
-    result = prism_generate(*args, check=False)
+    assert_refused(prism_generate(*args, check=False), "prism-generate", code, words)
+
+
+def assert_refused(result: subprocess.CompletedProcess, command: str, code: int, words: str) -> None:
+    """A refusal as a user sees it: exit `code` and one error line naming `words`, the last line (a
+    skipped damaged checkpoint is named on a line before it), no traceback."""
     assert result.returncode == code, result.stderr
-    # One error line, last (a skipped damaged checkpoint is named on a line before it).
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("prism-generate: error: ") and words in last, result.stderr
+    assert last.startswith(f"{command}: error: ") and words in last, result.stderr
     assert "Traceback" not in result.stderr and result.stderr.count("error") == 1
