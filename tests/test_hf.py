@@ -221,3 +221,12 @@ def test_the_training_path_does_not_import_transformers():
                             env={**command_env(), "PYTHONPATH": str(REPO)}, cwd=Path.home())
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "[]"
+
+
+def test_beam_search_reorders_the_cache(loaded):
+    """Beam search forks and drops sequences: with the cache reordered, its result is that of recomputing
+    every sequence from the start at each step."""
+    model, tokenizer, _, _ = loaded
+    batch = tokenizer(TEXTS[:2], return_tensors="pt", padding=True)
+    options = dict(max_new_tokens=5, num_beams=3, do_sample=False, early_stopping=True)
+    assert torch.equal(model.generate(**batch, **options), model.generate(**batch, **options, use_cache=False))
