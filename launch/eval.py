@@ -21,6 +21,7 @@ import math
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
@@ -43,7 +44,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
+def fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
     print(f"prism-eval: error: {message}", file=sys.stderr)
     sys.exit(code)
 
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
         fail(str(e), EXIT_BAD_INPUT if isinstance(e, (TokenStoreError, ValueError)) else 1)
     destroy_parallel()
     if loss is None:
-        fail("stopped by a signal before the end of the evaluation", preemption.REQUEUE_EXIT)
+        fail("stopped by a signal before the end of the evaluation", 1)
     if rank0:
         print(json.dumps({"checkpoint": str(path), "step": step, "stores": [str(s) for s in stores], "samples": samples,
                           "tokens": samples * seq_length, "loss": loss, "perplexity": math.exp(loss)}))

@@ -230,3 +230,19 @@ def test_beam_search_reorders_the_cache(loaded):
     batch = tokenizer(TEXTS[:2], return_tensors="pt", padding=True)
     options = dict(max_new_tokens=5, num_beams=3, do_sample=False, early_stopping=True)
     assert torch.equal(model.generate(**batch, **options), model.generate(**batch, **options, use_cache=False))
+
+
+def test_what_the_model_cannot_do_is_refused(loaded, exported, tmp_path):
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    model, _, _, _ = loaded
+    with pytest.raises(NotImplementedError, match="prism-ckpt export"):
+        model.save_pretrained(tmp_path / "saved")
+    with pytest.raises(ValueError, match="cannot apply quantization_config"):
+        AutoModelForCausalLM.from_pretrained(exported, quantization_config={"load_in_8bit": True})
+    partial = tmp_path / "partial"
+    shutil.copytree(exported, partial, ignore=shutil.ignore_patterns("model.safetensors"))
+    with pytest.raises(OSError, match=f"{partial / 'model.safetensors'}: cannot read the exported weights"):
+        AutoModelForCausalLM.from_pretrained(partial)

@@ -30,9 +30,6 @@ class PrismCache(Cache):
     convolution's last inputs: a size that does not grow with the sequences), under transformers' Cache
     interface. A recurrent state cannot be rolled back, so crop() (assisted decoding) is refused."""
 
-    is_compileable = False
-    is_croppable = False
-
     def __init__(self, memory: DecodeCache):
         super().__init__(layers=[])
         self.memory = memory
@@ -48,6 +45,14 @@ class PrismCache(Cache):
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         self.memory.select(torch.arange(self.memory.num_sequences).repeat_interleave(repeats))
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    @property
+    def is_croppable(self) -> bool:
+        return False
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("PrismCache holds recurrent states, which cannot be rolled back to an earlier token")
@@ -111,7 +116,13 @@ class PrismForCausalLM(PreTrainedModel, GenerationMixin):
             device_map = device_map[""]  # the whole model on one device
         elif isinstance(device_map, dict):
             raise ValueError(f"device_map {device_map}: PrismForCausalLM runs on one device (or under TP with PrismLM)")
-        return model.to(device=device_map or "cpu", dtype=dtype).eval()
+        model.to(device=device_map or "cpu", dtype=dtype)
+        return model.eval()
+
+    def save_pretrained(self, *args, **kwargs) -> None:
+        raise NotImplementedError("PrismForCausalLM's folders are written by `prism-ckpt export` (global weights "
+                                  "without vocabulary padding, which load at any TP); save_pretrained would write "
+                                  "PrismLM's padded TP=1 shard, which from_pretrained cannot read")
 
     def get_input_embeddings(self) -> torch.nn.Module:
         return self.model.embedding
