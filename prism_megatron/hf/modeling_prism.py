@@ -28,7 +28,12 @@ from prism_megatron.model import PrismLM
 class PrismCache(Cache):
     """The recurrent memory of generate()'s sequences, a DecodeCache (per layer the state and the short
     convolution's last inputs: a size that does not grow with the sequences), under transformers' Cache
-    interface. A recurrent state cannot be rolled back, so crop() (assisted decoding) is refused."""
+    interface: what generate() asks of a cache (its length, reordering for beam search, selecting and
+    repeating sequences). It holds no per-layer cache objects: transformers' LinearAttentionLayer
+    expects the model's layers to call update_conv_state / update_recurrent_state, whereas PrismLM's
+    mixer reads and writes the memory through its CachedSequences layout (decoding.py), the one path
+    prism-generate also takes. A recurrent state cannot be rolled back, so crop() (assisted decoding)
+    is refused."""
 
     def __init__(self, memory: DecodeCache):
         super().__init__(layers=[])
@@ -115,7 +120,8 @@ class PrismForCausalLM(PreTrainedModel, GenerationMixin):
         elif isinstance(device_map, dict) and set(device_map) == {""}:
             device_map = device_map[""]  # the whole model on one device
         elif isinstance(device_map, dict):
-            raise ValueError(f"device_map {device_map}: PrismForCausalLM runs on one device (or under TP with PrismLM)")
+            raise ValueError(f"device_map {device_map}: PrismForCausalLM runs on one device (across GPUs, load "
+                             "the folder into PrismLM at TP > 1 with checkpoint.load_exported)")
         model.to(device=device_map or "cpu", dtype=dtype)
         return model.eval()
 
@@ -132,7 +138,8 @@ class PrismForCausalLM(PreTrainedModel, GenerationMixin):
                 use_cache: bool | None = None, **kwargs) -> CausalLMOutputWithPast:
         """Logits [B, T, vocab] (float32) of input_ids [B, T], continuing `cache`'s sequences if given; with
         use_cache (default: config.use_cache, where no gradient is being recorded) the cache that continues
-        them. labels: next-token loss, transformers' convention (shifted inside, -100 ignored)."""
+        them. labels: next-token loss, transformers' convention (shifted inside, -100 ignored); the other
+        keyword arguments are transformers' loss options (generate() passes a few that nothing here uses)."""
         if use_cache is None:
             use_cache = self.config.use_cache and not torch.is_grad_enabled()
         if use_cache and cache is None:
