@@ -86,18 +86,21 @@ def test_greedy_generate_gives_our_tokens(loaded):
     assert out[0, ids.shape[1]:].tolist() == want
 
 
-def test_a_left_padded_batch_is_each_prompt_alone(loaded):
-    """Padded positions never enter the state: each row's logits and greedy tokens are its own."""
+def test_a_padded_batch_is_each_prompt_alone(loaded):
+    """Padded positions never enter the state: each row's logits (left or right padding) and greedy
+    tokens are its own."""
     model, tokenizer, prism, ours = loaded
-    tokenizer.padding_side = "left"
-    batch = tokenizer(TEXTS[:3], return_tensors="pt", padding=True)
-    assert not batch["attention_mask"].all()
     with torch.no_grad():
-        logits = model(**batch).logits
-        for row, text in enumerate(TEXTS[:3]):
-            ids = torch.tensor([ours.encode_arrays([text])[0].tolist()])
-            want = prism.gather_logits(prism(ids))[0]
-            torch.testing.assert_close(logits[row, -ids.shape[1]:], want, rtol=1e-5, atol=1e-5)
+        for side in ("right", "left"):
+            tokenizer.padding_side = side
+            batch = tokenizer(TEXTS[:3], return_tensors="pt", padding=True)
+            assert not batch["attention_mask"].all()
+            logits = model(**batch).logits
+            for row, text in enumerate(TEXTS[:3]):
+                ids = torch.tensor([ours.encode_arrays([text])[0].tolist()])
+                want = prism.gather_logits(prism(ids))[0]
+                place = slice(0, ids.shape[1]) if side == "right" else slice(-ids.shape[1], None)
+                torch.testing.assert_close(logits[row, place], want, rtol=1e-5, atol=1e-5, msg=side)
     out = model.generate(**batch, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     prompts = [ours.encode_arrays([t])[0].tolist() for t in TEXTS[:3]]
     for row, want in enumerate(_own_greedy(prism, prompts, 6, ours.eos_id)):
