@@ -1,6 +1,7 @@
-"""The transformers model (prism_megatron/hf/): an export folder loaded with AutoModelForCausalLM and
-AutoTokenizer gives PrismLM's logits, tokens and ids; generate() runs greedy, sampled and on a left-padded
-batch with the recurrent cache."""
+"""The transformers model (prism_megatron/hf/) and lm-eval on it: an export folder loaded with
+AutoModelForCausalLM and AutoTokenizer gives PrismLM's logits, tokens and ids; generate() runs greedy,
+sampled, in beams and on padded batches with the recurrent cache; `lm_eval --model hf` on a local task
+scores as PrismLM does; the training path imports none of it."""
 from __future__ import annotations
 
 from pathlib import Path
