@@ -51,7 +51,7 @@ def fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
 
 def held_out_loader(path: Path, args: argparse.Namespace, vocab_size: int):
     """(the DistributedBatchLoader of this rank's held-out samples, the stores, the number of samples, seq_length)."""
-    from prism_megatron.data_prep.loader import DistributedBatchLoader, PackedDataset, split_samples
+    from prism_megatron.data_prep.loader import DistributedBatchLoader, PackedDataset, held_out_samples
     from prism_megatron.data_prep.store import TokenStore
     from prism_megatron.data_prep.verify import ShardVerifier
     from prism_megatron.launch.checkpoint.format import read_run_config
@@ -61,7 +61,7 @@ def held_out_loader(path: Path, args: argparse.Namespace, vocab_size: int):
     data, training = run["data"], run["training"]
     stores = args.stores or data["stores"]
     opened = [TokenStore.open(store) for store in stores]
-    samples = args.samples or split_samples(opened, data["seq_length"], "valid", data["valid_fraction"])
+    samples = args.samples or held_out_samples(opened, data["seq_length"], data["valid_fraction"])
     if samples < 1:
         raise ValueError(f"stores {stores} hold fewer held-out tokens than one sample of {data['seq_length']} "
                          f"(valid_fraction {data['valid_fraction']})")
