@@ -68,6 +68,17 @@ def _document_lengths(store: TokenStore) -> np.ndarray:
     return np.concatenate(lengths) if lengths else np.empty(0, np.int64)
 
 
+def held_out_samples(stores: Sequence[TokenStore], seq_length: int, valid_fraction: float) -> int:
+    """The samples of one pass over the held-out documents of `stores` (each document and its EOS once):
+    the num_samples with which PackedDataset(split="valid") covers them."""
+    total = 0
+    for store in stores:
+        lengths = _document_lengths(store)
+        held_out = _held_out(len(lengths), valid_fraction)
+        total += max(0, (int(lengths[held_out].sum()) + int(held_out.sum()) - 1) // seq_length)
+    return total
+
+
 def _blend(weights: np.ndarray, num_samples: int) -> tuple[np.ndarray, np.ndarray]:
     """(store, rank within store) of each global sample, merged by due time (k + 1/2) / w."""
     stores, ranks, due = [], [], []

@@ -2,8 +2,8 @@
 
     prism-ckpt inspect DIR        step, layout, model config, sizes and integrity of each checkpoint
     prism-ckpt convert DIR        write the layout-free form (what --resume at another layout reads)
-    prism-ckpt export DIR OUT     OUT/model.safetensors + OUT/config.json + OUT/tokenizer.model, for
-                                  checkpoint.load_exported and prism-generate
+    prism-ckpt export DIR OUT     the model alone in OUT (checkpoint/export.py: weights, config, tokenizer), for
+                                  checkpoint.load_exported, prism-generate and transformers (prism_megatron.hf)
 
 DIR is one checkpoint (checkpoint.dir/step_NNNNNNNN) or a run's checkpoint.dir (then convert and
 export take its newest intact checkpoint). No process group and no GPU are needed.
@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> None:
         else:
             export(path, args.out)
             print(f"exported {path} to {args.out} in {time.perf_counter() - started:.1f} s "
-                  f"(load it with prism_megatron.launch.checkpoint.load_exported; prism-generate {args.out} --prompt TEXT)")
+                  f"(load it with prism_megatron.launch.checkpoint.load_exported, or with transformers' "
+                  f"AutoModelForCausalLM after import prism_megatron.hf; prism-generate {args.out} --prompt TEXT)")
     except CheckpointError as e:
         sys.exit(f"prism-ckpt: error: {e}")
 

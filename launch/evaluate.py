@@ -3,19 +3,21 @@ data-parallel size (split over the DP ranks), so that the val curve compares lik
 across a resume at another layout."""
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torch.distributed as dist
 
-from prism_megatron.data_prep.loader import DistributedBatchLoader
 from prism_megatron.launch import preemption
 from prism_megatron.launch.engine import forward
 
 
 class Evaluator:
-    """Evaluates `engine` over one pass of `loader` (built with drop_last=False), which hands
-    every rank the same number of rounds: each round checks for a stop request, a collective."""
+    """Evaluates `engine` over one pass of `loader` (a DistributedBatchLoader built with drop_last=False,
+    or a progress bar over one), which hands every rank the same number of rounds: each round checks
+    for a stop request, a collective."""
 
-    def __init__(self, loader: DistributedBatchLoader, engine, dp_group, stop: preemption.StopRequest,
+    def __init__(self, loader: Iterable[dict | None], engine, dp_group, stop: preemption.StopRequest,
                  watchdog: preemption.Watchdog):
         self.loader, self.engine, self.dp_group = loader, engine, dp_group
         self.stop, self.watchdog = stop, watchdog

@@ -100,6 +100,15 @@ class DecodeCache:
     def num_sequences(self) -> int:
         return self.lengths.shape[0]
 
+    def select(self, index: torch.Tensor) -> None:
+        """Keep the sequences at `index` [N'] (repeats allowed), in that order: how a search that
+        forks or drops sequences (beam search) reorders the memory."""
+        index = index.to(self.lengths.device)
+        for memory in self.layers:
+            memory.state = memory.state.index_select(0, index)
+            memory.conv_inputs = memory.conv_inputs.index_select(0, index)
+        self.lengths = self.lengths.index_select(0, index)
+
     def layouts(self, batch: int, length: int, cu_seqlens: torch.Tensor | None) -> list[CachedSequences]:
         """Each layer's layout for tokens [batch, length] continuing the sequences (cu_seqlens: documents
         over the flat tokens, one per sequence, on a fresh cache); counts the tokens as seen."""

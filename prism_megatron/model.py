@@ -101,6 +101,11 @@ class PrismLM(nn.Module):
     def reset_parameters(self, seed: int) -> None:
         draw_parameters(self, seed)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are (what a training engine's .device says; the Evaluator asks either)."""
+        return self.embedding.weight.device
+
     def num_parameters(self) -> int:
         """Parameters of the whole model (all TP ranks, without vocabulary padding)."""
         total = 0

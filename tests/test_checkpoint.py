@@ -1,6 +1,6 @@
 """Checkpoints as a user meets them: damaged ones skipped by name, kill -9 during saves, a crafted
 file that would run code, and `prism-ckpt` inspect / convert / export (a TP=2 run's export gives the
-TP=2 model's logits at TP=1 and TP=2)."""
+TP=2 model's logits at TP=1 and TP=2, and as a transformers model)."""
 
 import json
 import os
@@ -214,6 +214,12 @@ def _logits(parallel_size: int, step_dir: str, export_dir: str, out: str) -> Non
     results = {}
     exported = checkpoint.load_exported(export_dir, parallel)
     results["exported"] = exported.gather_logits(exported(tokens))
+    if parallel_size == 1:  # the folder as a transformers model
+        import prism_megatron.hf  # noqa: F401 (registers the Auto classes)
+        from transformers import AutoModelForCausalLM
+
+        with torch.no_grad():
+            results["transformers"] = AutoModelForCausalLM.from_pretrained(export_dir)(tokens).logits
     if step_dir:
         # The trained TP=2 model itself: its shard as DeepSpeed saved it.
         model_cfg = json.loads((Path(step_dir) / RUN_CONFIG).read_text())["model"]
@@ -257,6 +263,7 @@ def test_prism_ckpt_inspect_convert_export(tmp_path, store):
     trained = torch.load(tp2)["trained"]
     torch.testing.assert_close(torch.load(tp2)["exported"], trained, rtol=0, atol=0)
     torch.testing.assert_close(torch.load(tp1)["exported"], trained, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.load(tp1)["transformers"], trained, rtol=1e-5, atol=1e-5)
 
     # A damaged file: inspect names it and exits non-zero; export refuses.
     victim = next(step.glob("zero_pp_rank_0_mp_rank_01_optim_states.pt"))

@@ -2,7 +2,6 @@
 and generation loop of prism_megatron/decoding.py it uses."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -21,30 +20,36 @@ CONFIG = dict(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=2, head_
 pytestmark = pytest.mark.usefixtures("single_process")
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory) -> Path:
-    """An exported folder as `prism-ckpt export` writes it, of a freshly initialised model."""
-    from safetensors.torch import save_file
-
+def write_exported(folder: Path, config: dict) -> Path:
+    """An export folder as `prism-ckpt export` writes it, of a freshly initialised model of `config`
+    (vocab_size VOCAB), with a tokenizer trained on code."""
     from prism_megatron.data_prep.tokenizer import train_tokenizer
+    from prism_megatron.launch.checkpoint.export import write_export
     from prism_megatron.model import PrismLM
     from prism_megatron.sharding import global_state_dict
 
-    folder = tmp_path_factory.mktemp("exported")
-    corpus = folder / "corpus.txt"
-    corpus.write_text("\n".join(f"def function_{i}(x):\n    return x * {i} + {i * i}" for i in range(200)))
-    train_tokenizer([str(corpus)], str(folder / "tokenizer.model"), VOCAB)
-    corpus.unlink()
-    model = PrismLM(ModelConfig(**CONFIG), ParallelConfig(), seed=0)
-    save_file({k: v.contiguous() for k, v in global_state_dict(model).items()}, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps({"model": CONFIG, "step": 0}))
-    return folder
+    corpus = folder.parent / f"{folder.name}-corpus.txt"
+    corpus.write_text("\n".join(f"def function_{i}(x):\n    return x * {i} + {i * i}  # é ü" for i in range(200)))
+    tokenizer = train_tokenizer([str(corpus)], str(folder.parent / f"{folder.name}.model"), VOCAB)
+    model = PrismLM(ModelConfig(**config), ParallelConfig(), seed=0)
+    return write_export(folder, global_state_dict(model), config, 0, Path(tokenizer))
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> Path:
+    return write_exported(tmp_path_factory.mktemp("generate") / "exported", CONFIG)
+
+
+def command_env() -> dict[str, str]:
+    """This process's environment for a command run as a user runs it: without this process's
+    rendezvous (the variables initialize_parallel sets), which would send the command to its port."""
+    rendezvous = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    return {k: v for k, v in os.environ.items() if k not in rendezvous}
 
 
 def prism_generate(*args, check: bool = True) -> subprocess.CompletedProcess:
-    # Run from outside the checkout, as an installed command runs, without this process's rendezvous.
-    rendezvous = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    env = {**{k: v for k, v in os.environ.items() if k not in rendezvous}, "PYTHONPATH": str(REPO)}
+    # Run from outside the checkout, as an installed command runs.
+    env = {**command_env(), "PYTHONPATH": str(REPO)}
     result = subprocess.run([sys.executable, "-m", "prism_megatron.launch.generate", *map(str, args)],
                             capture_output=True, text=True, timeout=600, env=env, cwd=Path.home())
     if check:
@@ -123,9 +128,13 @@ def test_bad_input_is_one_line(case, exported, tmp_path):
         "negative-tokens": ((exported, "--max-new-tokens", -3), 2, "--max-new-tokens must be >= 1"),
         "ids-outside": ((exported, "--prompt-ids", f"5,{VOCAB},-1"), 2, f"ids [{VOCAB}, -1] are outside"),
     }[case]
-    result = prism_generate(*args, check=False)
+    assert_refused(prism_generate(*args, check=False), "prism-generate", code, words)
+
+
+def assert_refused(result: subprocess.CompletedProcess, command: str, code: int, words: str) -> None:
+    """A refusal as a user sees it: exit `code` and one error line naming `words`, the last line (a
+    skipped damaged checkpoint is named on a line before it), no traceback."""
     assert result.returncode == code, result.stderr
-    # One error line, last (a skipped damaged checkpoint is named on a line before it).
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("prism-generate: error: ") and words in last, result.stderr
+    assert last.startswith(f"{command}: error: ") and words in last, result.stderr
     assert "Traceback" not in result.stderr and result.stderr.count("error") == 1

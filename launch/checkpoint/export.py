@@ -1,8 +1,13 @@
-"""Export: the model alone, for use anywhere (no DeepSpeed, any TP size).
+"""Export: the model alone, for use anywhere (no DeepSpeed, any TP size), also as a transformers model.
 
-    OUT/model.safetensors   every parameter's global tensor (the module weights, in the run's dtype)
-    OUT/config.json         the model config and the step
-    OUT/tokenizer.model     the run's sentencepiece tokenizer (its token stores' manifest names it)
+    OUT/model.safetensors        every parameter's global tensor (the module weights, in the run's dtype)
+    OUT/config.json              the model config ("model") and the step; for transformers, the model type,
+                                 architecture and special token ids (prism_megatron.hf.PrismConfig reads it)
+    OUT/tokenizer.model          the run's sentencepiece tokenizer (its token stores' manifest names it)
+    OUT/tokenizer_config.json    the tokenizer class for transformers' AutoTokenizer
+    OUT/prism_hf.py              what trust_remote_code=True loads: the installed prism_megatron.hf
+
+Writing the folder needs no transformers; loading it as a transformers model does (the `hf` extra).
 """
 from __future__ import annotations
 
@@ -17,20 +22,45 @@ from prism_megatron.launch.checkpoint.layout_free import global_weights
 EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_CONFIG = "config.json"
 EXPORT_TOKENIZER = "tokenizer.model"
+EXPORT_TOKENIZER_CONFIG = "tokenizer_config.json"
+# A process that has not imported prism_megatron.hf (which registers the classes with transformers' Auto
+# classes) reaches them through this module of the folder, with trust_remote_code=True.
+REMOTE_CODE_MODULE = "prism_hf"
+REMOTE_CODE = ('"""transformers\' trust_remote_code entry point: the classes of the installed prism-megatron '
+               '(pip install \'prism-megatron[hf]\')."""\n'
+               "from prism_megatron.hf import PrismConfig, PrismForCausalLM, PrismTokenizer  # noqa: F401\n")
 
 
 def export(path: Path, out: Path) -> Path:
-    """Write `out/model.safetensors`, `out/config.json` and `out/tokenizer.model` from the checkpoint at `path`."""
-    from safetensors.torch import save_file
-
+    """Write the export folder (the module docstring's files) of the checkpoint at `path`."""
     tokenizer = tokenizer_of(path)
     weights, step = global_weights(path)
-    model = read_model_config(path)
+    return write_export(out, weights, read_model_config(path), step, tokenizer)
+
+
+def write_export(out: Path, weights: dict, model: dict, step: int, tokenizer: Path) -> Path:
+    """Write the export folder of the global `weights` of a model of config `model` (ModelConfig's
+    fields) at `step`, with the sentencepiece model `tokenizer`."""
+    from safetensors.torch import save_file
+
+    from prism_megatron.data_prep.tokenizer import Tokenizer
+
     out.mkdir(parents=True, exist_ok=True)
     save_file({name: t.contiguous() for name, t in weights.items()}, str(out / EXPORT_WEIGHTS),
               metadata={"step": str(step)})
     shutil.copyfile(tokenizer, out / EXPORT_TOKENIZER)
-    write_atomic(out / EXPORT_CONFIG, json.dumps({"model": model, "step": step}, indent=1))
+    pieces = Tokenizer(tokenizer)
+    special_ids = {f"{name}_token_id": i for name, i in (("bos", pieces.bos_id), ("eos", pieces.eos_id),
+                                                        ("pad", pieces.pad_id)) if i >= 0}
+    write_atomic(out / f"{REMOTE_CODE_MODULE}.py", REMOTE_CODE)
+    write_atomic(out / EXPORT_TOKENIZER_CONFIG, json.dumps({
+        "tokenizer_class": "PrismTokenizer",
+        "auto_map": {"AutoTokenizer": [f"{REMOTE_CODE_MODULE}.PrismTokenizer", None]}}, indent=1))
+    write_atomic(out / EXPORT_CONFIG, json.dumps({
+        "model_type": "prism", "architectures": ["PrismForCausalLM"],
+        "auto_map": {"AutoConfig": f"{REMOTE_CODE_MODULE}.PrismConfig",
+                     "AutoModelForCausalLM": f"{REMOTE_CODE_MODULE}.PrismForCausalLM"},
+        "model": model, "step": step, **special_ids}, indent=1))
     return out
 
 
@@ -61,7 +91,8 @@ def model_with_weights(config, weights: dict, parallel=None):
     from prism_megatron.model import PrismLM
     from prism_megatron.sharding import load_global_state_dict
 
-    model = PrismLM(config, parallel or ParallelConfig())
+    # The weights drawn at construction are all replaced: any seed does, and none is taken from the global RNG.
+    model = PrismLM(config, parallel or ParallelConfig(), seed=0)
     load_global_state_dict(model, weights)
     return model
 
