@@ -74,6 +74,9 @@ class CheckpointConfig:
     save_interval: int = 1000
     # How many committed checkpoints to keep (the newest ones); 0 keeps all.
     keep_last: int = 2
+    # An export folder (prism-ckpt export) whose weights a run starts from when it has no checkpoint
+    # to resume: continued pretraining or fine-tuning, with a fresh optimizer, schedule and data order.
+    initial_weights: str = ""
 
 
 @dataclass

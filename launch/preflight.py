@@ -67,6 +67,8 @@ def check_start(cfg: RunConfig, world_size: int) -> None:
         except TokenStoreError as e:
             raise ConfigError(f"{key}: {store} is not a token store: {e}") from None
     _check_folder("checkpoint.dir", cfg.checkpoint.dir)
+    if cfg.checkpoint.initial_weights:
+        _check_initial_weights(cfg)
     _check_folder("logging.tensorboard_dir", cfg.logging.tensorboard_dir)
     tp = cfg.parallel.tensor_model_parallel_size
     if world_size % tp:
@@ -122,6 +124,25 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{name}"] = value
     return flat
+
+
+def _check_initial_weights(cfg: RunConfig) -> None:
+    """The export a fresh run starts from holds weights of this model: its config differs at most in
+    what a resume may change (how the model runs, not what it computes)."""
+    from prism_megatron.launch.checkpoint import CheckpointError, exported_record
+
+    folder = cfg.checkpoint.initial_weights
+    try:
+        exported = exported_record(folder)["model"]
+    except CheckpointError as e:
+        raise ConfigError(f"checkpoint.initial_weights: {e}") from None
+    ours = to_dict(cfg)["model"]
+    differ = [f"model.{key} is {exported.get(key)!r} there, {ours.get(key)!r} here"
+              for key in sorted(set(ours) | set(exported))
+              if exported.get(key) != ours.get(key) and not _may_change(f"model.{key}")]
+    if differ:
+        raise ConfigError(f"checkpoint.initial_weights: {folder} holds the weights of another model: "
+                          + "; ".join(differ))
 
 
 def _check_folder(key: str, folder: str) -> None:

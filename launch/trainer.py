@@ -31,6 +31,7 @@ from prism_megatron.launch.evaluate import Evaluator
 from prism_megatron.launch.metrics import MetricsLog
 from prism_megatron.launch.run_lock import RunLock
 from prism_megatron.model import PrismLM
+from prism_megatron.sharding import load_global_state_dict
 from prism_megatron.process_groups import data_rank, data_size, deepspeed_mpu, destroy_parallel
 
 log = logging.getLogger("prism-train")
@@ -68,7 +69,8 @@ class Trainer:
     def build(self, stores: Sequence[TokenStore], start_from: Path | None, resume: bool, config_changes: str) -> None:
         """The parts, in order: model and engine, the state to start from, data, records, watchdog."""
         cfg, t = self.cfg, self.cfg.training
-        self._build_engine()
+        # A checkpoint to resume holds the weights; a fresh run may start from an export's.
+        self._build_engine(None if start_from is not None else cfg.checkpoint.initial_weights or None)
         # What the first save will take; a full disk stops the run before anything is written (a
         # resume at another layout writes its layout-free form).
         save_bytes = disk_space.state_bytes(self.summary.num_parameters, 2 if use_bf16(t) else 4)
@@ -89,14 +91,19 @@ class Trainer:
         self.checkpoints = Checkpoints(cfg, self.engine, self.model, self.watchdog, self.progress, self.lock,
                                        save_bytes)
 
-    def _build_engine(self) -> None:
-        """The model, the DeepSpeed engine and its optimizer; the log line that says what they are."""
+    def _build_engine(self, initial_weights: str | None) -> None:
+        """The model (with the weights of the export `initial_weights`, if given), the DeepSpeed engine and
+        its optimizer; the log lines that say what they are."""
         cfg, t = self.cfg, self.cfg.training
         self.mpu = deepspeed_mpu()
         # Ranks reading different samples; DeepSpeed's data-parallel group also spans the CP ranks.
         dp_size = data_size()
         self.grad_accum = grad_accumulation_steps(cfg, dp_size)  # checked before the model is built
         self.model = PrismLM(cfg.model, cfg.parallel)
+        if initial_weights is not None:  # before DeepSpeed copies them into its float32 master weights
+            load_global_state_dict(self.model, checkpoint.exported_weights(initial_weights))
+            step = checkpoint.exported_record(initial_weights).get("step")
+            self.progress(f"weights from {initial_weights} (exported at step {step} of its run)")
         # Counted before ZeRO-3 can partition the parameters away.
         self.summary = RunSummary(num_parameters=self.model.num_parameters(),
                                   tensorboard_dir=cfg.logging.tensorboard_dir)

@@ -1,6 +1,6 @@
 """Checkpoints as a user meets them: damaged ones skipped by name, kill -9 during saves, a crafted
 file that would run code, and `prism-ckpt` inspect / convert / export (a TP=2 run's export gives the
-TP=2 model's logits at TP=1 and TP=2, and as a transformers model)."""
+TP=2 model's logits at TP=1 and TP=2, and as a transformers model, and starts a TP=1 run)."""
 
 import json
 import os
@@ -21,7 +21,7 @@ from prism_megatron.launch.checkpoint.format import (COMPLETE, LAYOUT, LAYOUT_FR
                                                      verify, write_complete)
 from prism_megatron.launch.checkpoint.safe_load import safe_load
 from test_tensor_parallel import run_distributed
-from test_train import BIN, prism_train, store, write_config  # noqa: F401 (store: a fixture)
+from test_train import BIN, fails_with, prism_train, store, write_config  # noqa: F401 (store: a fixture)
 
 
 def prism_ckpt(*args):
@@ -264,6 +264,21 @@ def test_prism_ckpt_inspect_convert_export(tmp_path, store):
     torch.testing.assert_close(torch.load(tp2)["exported"], trained, rtol=0, atol=0)
     torch.testing.assert_close(torch.load(tp1)["exported"], trained, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(torch.load(tp1)["transformers"], trained, rtol=1e-5, atol=1e-5)
+
+    # The export starts a run at another TP size. At a learning rate far too small to move a weight, that
+    # run's checkpoint holds the exported weights (a weight of 0 may move by the learning rate).
+    fresh = tmp_path / "from_export"
+    config = write_config(fresh, store, training={"train_steps": 1, "global_batch_size": 2},
+                          optim={"lr": 1e-30, "min_lr": 0, "warmup_steps": 0},
+                          checkpoint={"save_interval": 1, "initial_weights": str(out)})
+    assert f"weights from {out} (exported at step 2" in prism_train("--config", config).stdout
+    assert prism_ckpt("export", fresh / "ckpt", fresh / "exported").returncode == 0
+    continued = checkpoint.exported_weights(fresh / "exported")
+    for name, weight in checkpoint.exported_weights(out).items():
+        torch.testing.assert_close(continued[name], weight, rtol=0, atol=1e-29, msg=name)
+    # An export of another model is refused before anything starts.
+    config.write_text(config.read_text().replace("ffn_hidden_size: 64", "ffn_hidden_size: 96"))
+    fails_with(prism_train("--config", config, check=False), "checkpoint.initial_weights", "model.ffn_hidden_size is 64 there, 96 here")
 
     # A damaged file: inspect names it and exits non-zero; export refuses.
     victim = next(step.glob("zero_pp_rank_0_mp_rank_01_optim_states.pt"))

@@ -6,8 +6,9 @@ engine (through `layout_free` at another layout, made from `deepspeed_files`); `
 files without running their code; `rng` carries the RNG states; `export` writes the model alone.
 """
 from prism_megatron.launch.checkpoint.commit import TrainState, save
-from prism_megatron.launch.checkpoint.export import load_exported
+from prism_megatron.launch.checkpoint.export import exported_record, exported_weights, load_exported
 from prism_megatron.launch.checkpoint.format import CheckpointError, committed, newest
 from prism_megatron.launch.checkpoint.resume import load
 
-__all__ = ["CheckpointError", "TrainState", "committed", "load", "load_exported", "newest", "save"]
+__all__ = ["CheckpointError", "TrainState", "committed", "exported_record", "exported_weights", "load", "load_exported",
+           "newest", "save"]

@@ -101,14 +101,35 @@ def load_exported(folder: str | Path, parallel=None):
     """PrismLM with the weights of an exported folder (`prism-ckpt export`), at the TP size of
     `parallel` (a ParallelConfig; default TP=1). Call after `process_groups.initialize_parallel`;
     every TP rank reads the whole file and keeps its slice."""
-    from safetensors.torch import load_file
-
     from prism_megatron.config import ModelConfig
 
-    folder = Path(folder)
+    record = exported_record(folder)
     try:
-        config = ModelConfig(**json.loads((folder / EXPORT_CONFIG).read_text())["model"])
-        weights = load_file(str(folder / EXPORT_WEIGHTS))
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{folder} is not an exported model ({type(e).__name__}: {e})") from None
-    return model_with_weights(config, weights, parallel)
+        config = ModelConfig(**record["model"])
+    except TypeError as e:
+        raise CheckpointError(f"{folder} is not an exported model ({EXPORT_CONFIG}: {e})") from None
+    return model_with_weights(config, exported_weights(folder), parallel)
+
+
+def exported_record(folder: str | Path) -> dict:
+    """An exported folder's config.json: the model config ("model") and the step it was exported at."""
+    path = Path(folder) / EXPORT_CONFIG
+    try:
+        record = json.loads(path.read_text())
+        if not isinstance(record.get("model"), dict):
+            raise ValueError('no "model" section')
+    except (OSError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{folder} is not an exported model ({path}: {e})") from None
+    return record
+
+
+def exported_weights(folder: str | Path) -> dict:
+    """An exported folder's global weights, by parameter name."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(folder) / EXPORT_WEIGHTS
+    try:
+        return load_file(str(path))
+    except (OSError, SafetensorError) as e:
+        raise CheckpointError(f"{folder} is not an exported model ({path}: {e})") from None
