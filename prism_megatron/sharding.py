@@ -51,7 +51,8 @@ def draw_parameters(module: nn.Module, seed: int) -> None:
     for name, p in module.named_parameters():
         if p.is_meta:
             continue
-        gen = torch.Generator(device=p.device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        # Modulo the generator's 64 bits: any seed works (an unseeded process's is a 64-bit number).
+        gen = torch.Generator(device=p.device).manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**64)
         spec = shard_spec(p)
         full = p.global_init(spec.global_shape(p.shape, tp_size()), gen, p.device)
         p.copy_(spec.shard(full, tp_rank(), tp_size()))

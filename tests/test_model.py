@@ -107,6 +107,17 @@ def test_initialization_is_deterministic():
         assert name.endswith(("norm.weight", "gain_bias", "strength_bias")) or not torch.equal(pa, pc), name
 
 
+def test_any_seed_draws_the_weights():
+    """An unseeded process's torch.initial_seed() (PrismLM's seed by default) takes all 64 bits."""
+    from prism_megatron.model import PrismLM
+
+    with torch.random.fork_rng():
+        torch.manual_seed(2**64 - 1)
+        model = PrismLM(ModelConfig(vocab_size=50, hidden_size=32, num_layers=1, num_heads=2, head_k_dim=8,
+                                    head_v_dim=8, ffn_hidden_size=48), ParallelConfig())
+    assert all(p.isfinite().all() for p in model.parameters())
+
+
 @pytest.mark.parametrize("name,low,high", [("tiny", 2e6, 5e6), ("125m", 1.1e8, 1.4e8), ("1.3b", 1.25e9, 1.45e9),
                                            ("2.7b", 2.5e9, 2.9e9), ("7b", 6.5e9, 7.5e9)])
 def test_presets(name, low, high):
