@@ -83,12 +83,11 @@ def main(argv: list[str] | None = None) -> None:
     import torch.distributed as dist
     from tqdm import tqdm
 
-    from prism_megatron.config import ModelConfig, ParallelConfig
+    from prism_megatron.config import ParallelConfig
     from prism_megatron.data_prep.store import TokenStoreError
     from prism_megatron.launch import preemption
-    from prism_megatron.launch.checkpoint.export import model_with_weights
-    from prism_megatron.launch.checkpoint.format import CheckpointError, read_model_config, read_run_config
-    from prism_megatron.launch.checkpoint.layout_free import global_weights
+    from prism_megatron.launch.checkpoint.export import load_checkpointed
+    from prism_megatron.launch.checkpoint.format import CheckpointError, read_run_config
     from prism_megatron.launch.ckpt import one_checkpoint
     from prism_megatron.launch.evaluate import Evaluator
     from prism_megatron.process_groups import deepspeed_mpu, destroy_parallel, initialize_parallel
@@ -101,10 +100,9 @@ def main(argv: list[str] | None = None) -> None:
     rank0 = dist.get_rank() == 0
     try:
         path = one_checkpoint(args.checkpoint)
-        weights, step = global_weights(path)
-        # In float32 (model_with_weights builds it so), whatever the run's dtype.
-        model = model_with_weights(ModelConfig(**read_model_config(path)), weights,
-                                   ParallelConfig(tensor_model_parallel_size=args.tensor_parallel)).to(device)
+        # In float32 (load_checkpointed builds it so), whatever the run's dtype.
+        model, step = load_checkpointed(path, ParallelConfig(tensor_model_parallel_size=args.tensor_parallel))
+        model = model.to(device)
         loader, stores, samples, seq_length = held_out_loader(path, args, model.cfg.vocab_size)
         watchdog = preemption.Watchdog(read_run_config(path)["training"]["fault_timeout"])
         progress = tqdm(loader, desc="prism-eval", unit=" batches", disable=not rank0, file=sys.stderr)

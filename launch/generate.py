@@ -49,13 +49,11 @@ def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
 
 def load(source: Path, device: torch.device):
     """(PrismLM at TP=1 on `device`, in float32 off CUDA, the Tokenizer) of an exported folder or a checkpoint."""
-    from prism_megatron.config import ModelConfig
     from prism_megatron.data_prep.tokenizer import Tokenizer
     from prism_megatron.launch.checkpoint import load_exported
     from prism_megatron.launch.checkpoint.export import (EXPORT_CONFIG, EXPORT_TOKENIZER, EXPORT_WEIGHTS,
-                                                         model_with_weights, tokenizer_of)
-    from prism_megatron.launch.checkpoint.format import CheckpointError, read_model_config
-    from prism_megatron.launch.checkpoint.layout_free import global_weights
+                                                         load_checkpointed, tokenizer_of)
+    from prism_megatron.launch.checkpoint.format import CheckpointError
     from prism_megatron.launch.ckpt import one_checkpoint
 
     export_files = (EXPORT_CONFIG, EXPORT_WEIGHTS, EXPORT_TOKENIZER)
@@ -66,8 +64,7 @@ def load(source: Path, device: torch.device):
         model, tokenizer = load_exported(source), Tokenizer(source / EXPORT_TOKENIZER)
     elif source.is_dir():
         path = one_checkpoint(source)
-        weights, _ = global_weights(path)
-        model = model_with_weights(ModelConfig(**read_model_config(path)), weights)
+        model, _ = load_checkpointed(path)
         tokenizer = Tokenizer(tokenizer_of(path))
     else:
         raise CheckpointError(f"{source} is not a folder (an exported model, a checkpoint or a checkpoint.dir)")

@@ -111,6 +111,15 @@ def load_exported(folder: str | Path, parallel=None):
     return model_with_weights(config, exported_weights(folder), parallel)
 
 
+def load_checkpointed(path: Path, parallel=None):
+    """(PrismLM with the weights of the checkpoint at `path`, of any layout, at the TP size of `parallel`;
+    the checkpoint's step). Call after `process_groups.initialize_parallel`."""
+    from prism_megatron.config import ModelConfig
+
+    weights, step = global_weights(path)
+    return model_with_weights(ModelConfig(**read_model_config(path)), weights, parallel), step
+
+
 def exported_record(folder: str | Path) -> dict:
     """An exported folder's config.json: the model config ("model") and the step it was exported at."""
     path = Path(folder) / EXPORT_CONFIG
@@ -132,4 +141,4 @@ def exported_weights(folder: str | Path) -> dict:
     try:
         return load_file(str(path))
     except (OSError, SafetensorError) as e:
-        raise CheckpointError(f"{folder} is not an exported model ({path}: {e})") from None
+        raise CheckpointError(f"{path}: cannot read the exported weights ({e})") from None

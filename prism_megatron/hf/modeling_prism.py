@@ -94,10 +94,8 @@ class PrismForCausalLM(PreTrainedModel, GenerationMixin):
         parameter's global tensor, without the vocabulary padding PrismLM adds, so the weights are loaded
         as export.load_exported loads them, not by transformers' loader. Hub options (revision, cache_dir,
         trust_remote_code, ...) do not apply to a local folder; an option that would change the model is refused."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        from prism_megatron.launch.checkpoint.export import EXPORT_WEIGHTS, model_with_weights
+        from prism_megatron.launch.checkpoint import CheckpointError, exported_weights
+        from prism_megatron.launch.checkpoint.export import model_with_weights
 
         changing = sorted(k for k, v in options.items() if v and k not in HUB_OPTIONS)
         if model_args or changing:
@@ -106,9 +104,9 @@ class PrismForCausalLM(PreTrainedModel, GenerationMixin):
         folder = Path(pretrained_model_name_or_path)
         config = config or PrismConfig.from_pretrained(folder)
         try:
-            weights = load_file(str(folder / EXPORT_WEIGHTS))
-        except (OSError, SafetensorError) as e:
-            raise OSError(f"{folder / EXPORT_WEIGHTS}: cannot read the exported weights ({e})") from None
+            weights = exported_weights(folder)
+        except CheckpointError as e:
+            raise OSError(str(e)) from None  # what transformers' loaders raise for a folder they cannot read
         single_process_groups()
         model = cls(config, model_with_weights(config.model_config(), weights))
         if dtype in (None, "auto"):
