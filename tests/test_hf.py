@@ -109,6 +109,24 @@ def test_a_padded_batch_is_each_prompt_alone(loaded):
         assert got[:len(want)] == want, row
 
 
+@pytest.mark.gpu
+def test_bf16_on_gpu_gives_our_logits_and_tokens(tmp_path):
+    """On CUDA in bf16 (the chunk kernel prefills, the fused step decodes) the transformers model gives
+    PrismLM's logits and greedy tokens."""
+    from prism_megatron.launch.checkpoint import load_exported
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = write_exported(tmp_path / "exported", {**demo_model_config(), "kernel_backend": "auto"})
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, device_map="cuda")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    prism = load_exported(folder).cuda().bfloat16().eval()
+    ids = tokenizer(TEXTS[0], return_tensors="pt")["input_ids"].cuda()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, prism.gather_logits(prism(ids)), rtol=1.6e-2, atol=1.6e-2)
+    out = model.generate(ids, max_new_tokens=8, do_sample=False)
+    assert out[0, ids.shape[1]:].tolist() == _own_greedy(prism, [ids[0].tolist()], 8, tokenizer.eos_token_id)[0]
+
+
 def test_sampling_runs_seeded(loaded):
     from transformers import set_seed
 
