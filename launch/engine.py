@@ -22,6 +22,7 @@ def build_engine(cfg: RunConfig, model: torch.nn.Module):
     import deepspeed
     from deepspeed.utils import logger as ds_logger
 
+    from prism_megatron.launch.flat_bf16 import use_flat_steps
     from prism_megatron.process_groups import data_size, deepspeed_mpu
 
     ds_logger.setLevel(logging.WARNING)
@@ -58,6 +59,7 @@ def build_engine(cfg: RunConfig, model: torch.nn.Module):
                 "zero_allow_untested_optimizer": True,
                 "steps_per_print": 1 << 62,
             })
+    use_flat_steps(engine)
     return engine, optimizer
 
 

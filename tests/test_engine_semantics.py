@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -32,3 +33,58 @@ def test_bf16_update_is_adamw_of_the_mean_gradient(single_process):
             assert record.grad_norm == pytest.approx(record.reference_norms["exact"], rel=NORM_RTOL), step
         worst = max(record.deviations["exact"].items(), key=lambda item: item[1])
         assert worst[1] < UPDATE_RTOL, (step, worst)
+
+
+def _train_with_each_optimizer(tp: int, steps: int = 4, nonfinite_step: int = 2) -> None:
+    """The same model trained by build_engine's FlatBF16Optimizer and by DeepSpeed's BF16_Optimizer it
+    replaces: with a clip that binds, gradient accumulation, a non-finite micro batch and, over two
+    processes, the all-reduce (data parallel) or the norm's sum over ranks (tensor parallel), the
+    grad norms, the skipped steps and the float32 master weights are bitwise alike."""
+    import math
+    from dataclasses import replace
+
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from prism_megatron.config import ParallelConfig
+    from prism_megatron.launch.engine import build_engine, grad_accumulation_steps
+    from prism_megatron.launch.flat_bf16 import FlatBF16Optimizer
+    from prism_megatron.model import PrismLM
+    from prism_megatron.process_groups import data_rank, data_size, destroy_parallel, initialize_parallel
+    from optimizer_paths import MICRO_BATCH, SEQ_LENGTH
+
+    cfg = tiny_config(micro_batches=4, lr=3e-2, steps=steps)
+    cfg = replace(cfg, parallel=ParallelConfig(tensor_model_parallel_size=tp))
+    initialize_parallel(cfg.parallel, seed=0)
+    try:
+        runs = []
+        for flat in (True, False):
+            model = PrismLM(cfg.model, cfg.parallel, seed=0)
+            engine, _ = build_engine(cfg, model)
+            assert type(engine.optimizer) is FlatBF16Optimizer
+            if not flat:
+                engine.optimizer.__class__ = BF16_Optimizer
+            data = torch.Generator().manual_seed(1 + data_rank())
+            norms = []
+            for step in range(steps):
+                for micro in range(grad_accumulation_steps(cfg, data_size())):
+                    tokens, labels = (torch.randint(0, cfg.model.vocab_size, (MICRO_BATCH, SEQ_LENGTH), generator=data)
+                                      for _ in range(2))
+                    loss = engine(tokens, labels)
+                    engine.backward(loss * math.nan if step == nonfinite_step and micro == 0 else loss)
+                    engine.step()
+                norms.append(float(engine.get_global_grad_norm()))
+            masters = [safe_get_full_fp32_param(p) for p in model.parameters()]
+            runs.append((norms, engine.skipped_steps, masters))
+        (norms, skipped, masters), (want_norms, want_skipped, want_masters) = runs
+        assert norms == want_norms and skipped == want_skipped == 1, (norms, want_norms, skipped)
+        assert all(torch.equal(got, want) for got, want in zip(masters, want_masters))
+    finally:
+        destroy_parallel()
+
+
+@pytest.mark.parametrize("world, tp", [(1, 1), (2, 1), (2, 2)], ids=["one rank", "DP=2", "TP=2"])
+def test_flat_steps_train_as_deepspeeds_bf16_optimizer(world, tp):
+    from test_tensor_parallel import run_distributed
+
+    run_distributed(world, _train_with_each_optimizer, tp)
