@@ -5,9 +5,9 @@ per parameter group, yet its step walks the parameters one at a time: a norm ker
 the global norm, a multiply per gradient to clip, and, in the engine's reduction, a copy of each flat
 buffer into a bucket and back (on one data-parallel rank too, where the all-reduce does nothing).
 At the 1.3B preset that is a few hundred kernel launches and two copies of the model's float32
-gradients every step. `FlatBF16Optimizer` keeps DeepSpeed's state, checkpoint format and arithmetic
+gradients every step, and a float32 copy of each bf16 gradient every micro batch. `FlatBF16Optimizer` keeps DeepSpeed's state, checkpoint format and arithmetic
 and does the same work over the flat buffers: the all-reduce in place, the clip as one multiply a
-buffer, the norms as one multi-tensor kernel.
+buffer, the norms as one multi-tensor kernel, each accumulation as one mixed-precision addition.
 """
 from __future__ import annotations
 
@@ -29,6 +29,19 @@ def use_flat_steps(engine) -> None:
 class FlatBF16Optimizer(BF16_Optimizer):
     """BF16_Optimizer (without pipeline parallelism, MoE or Muon, which this stack does not use) whose
     reduction, norm and clip run over its flat float32 gradient buffers."""
+
+    @torch.no_grad()
+    def _update_hp_grad(self, lp, group_idx, param_idx, clear_lp_grads):
+        """Add a parameter's bf16 gradient to its float32 accumulator in one kernel (DeepSpeed's casts
+        it to a float32 copy first, then adds the copy): the same sum, widened inside the addition."""
+        if lp.grad is None:
+            return
+        hp_grad = self.fp32_groups_gradients[group_idx][param_idx]
+        hp_grad.add_(lp.grad.view(hp_grad.shape))
+        lp._hp_grad = hp_grad
+        self.fp32_groups_has_gradients[group_idx][param_idx] = True
+        if clear_lp_grads:
+            lp.grad.zero_()
 
     @torch.no_grad()
     def reduce_gradients(self, pipeline_parallel: bool = False) -> None:
