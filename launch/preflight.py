@@ -21,8 +21,11 @@ from prism_megatron.launch.config import ConfigError, RunConfig, to_dict
 RESUME_MAY_CHANGE: dict[str, bool] = {
     # The model's function and its parameter shapes: the checkpoint holds weights for this one.
     "model": False,
-    # Another implementation of the same function; init_std only draws the weights of step 0.
+    # Another implementation of the same function, or what its backward keeps; init_std only draws
+    # the weights of step 0.
     "model.kernel_backend": True,
+    "model.recompute": True,
+    "model.fused_ops": True,
     "model.init_std": True,
     # The layout (TP size, sequence parallelism, ZeRO stage) is the checkpoint loader's concern:
     # whether it can reshard is decided there, not by comparing configs.

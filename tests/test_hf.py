@@ -109,14 +109,24 @@ def test_a_padded_batch_is_each_prompt_alone(loaded):
         assert got[:len(want)] == want, row
 
 
+def test_the_export_runs_as_the_loading_device_runs_best(exported):
+    """The demo trains with kernel_backend "torch"; its export leaves the kernels (and recomputation) to
+    ModelConfig's defaults, so that on a GPU the Triton kernels prefill."""
+    import json
+
+    assert demo_model_config()["kernel_backend"] == "torch"
+    model = json.loads((exported / "config.json").read_text())["model"]
+    assert (model["kernel_backend"], model["recompute"], model["fused_ops"]) == ("auto", "none", "auto")
+
+
 @pytest.mark.gpu
-def test_bf16_on_gpu_gives_our_logits_and_tokens(tmp_path):
+def test_bf16_on_gpu_gives_our_logits_and_tokens(exported):
     """On CUDA in bf16 (the chunk kernel prefills, the fused step decodes) the transformers model gives
     PrismLM's logits and greedy tokens."""
     from prism_megatron.launch.checkpoint import load_exported
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = write_exported(tmp_path / "exported", {**demo_model_config(), "kernel_backend": "auto"})
+    folder = exported
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, device_map="cuda")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     prism = load_exported(folder).cuda().bfloat16().eval()

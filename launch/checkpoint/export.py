@@ -26,6 +26,10 @@ EXPORT_TOKENIZER_CONFIG = "tokenizer_config.json"
 # A process that has not imported prism_megatron.hf (which registers the classes with transformers' Auto
 # classes) reaches them through this module of the folder, with trust_remote_code=True.
 REMOTE_CODE_MODULE = "prism_hf"
+# How a run computed, not what: an export takes ModelConfig's defaults for these, which pick the fast path
+# on whatever device loads it (a model trained on the CPU with kernel_backend "torch" prefills with the
+# Triton kernels on a GPU).
+HOW_IT_RAN = ("kernel_backend", "recompute", "fused_ops")
 REMOTE_CODE = ('"""transformers\' trust_remote_code entry point: the classes of the installed prism-megatron '
                '(pip install \'prism-megatron[hf]\')."""\n'
                "from prism_megatron.hf import PrismConfig, PrismForCausalLM, PrismTokenizer  # noqa: F401\n")
@@ -43,8 +47,10 @@ def write_export(out: Path, weights: dict, model: dict, step: int, tokenizer: Pa
     fields) at `step`, with the sentencepiece model `tokenizer`."""
     from safetensors.torch import save_file
 
+    from prism_megatron.config import ModelConfig
     from prism_megatron.data_prep.tokenizer import Tokenizer
 
+    model = {**model, **{name: ModelConfig.__dataclass_fields__[name].default for name in HOW_IT_RAN}}
     out.mkdir(parents=True, exist_ok=True)
     save_file({name: t.contiguous() for name, t in weights.items()}, str(out / EXPORT_WEIGHTS),
               metadata={"step": str(step)})
