@@ -4,15 +4,18 @@
         [--batches 1 32] [--prompts 1024 8192 32768 131072] [--new-tokens 128]
         [--prefill-tokens 65536] [--models prism fla-gdn] [--json FILE]
 
-Both models with random weights in bf16, in eval mode, fla's at the width and depth of the preset in its
-own head layout (benchmarks/model_step.py's FLA_SHAPES). For each batch size and prompt length, each
-model prefills random prompts in forwards of at most --prefill-tokens tokens (rows of
-prefill-tokens / batch tokens, each continuing its cache: ours DecodeCache, fla's its Cache), which
-gives prefill tokens/s, then decodes --new-tokens tokens greedily, one forward a token, which gives
-the time per token and decode tokens/s, and the peak memory allocated while decoding (weights, cache
-and the step's temporaries). Both loops are the same few lines for both models: fla's own
-`generate()` adds transformers' per-token work (logits processors, stopping criteria) on top, which
-the row `fla-gdn generate()` measures once, at the smallest batch and prompt.
+Both models with random weights in bf16, in eval mode, fla's at the width and depth of the preset in
+its own head layout (benchmarks/model_step.py's FLA_SHAPES). For each batch size and prompt length,
+after an untimed run at the same forward shapes (compilation, autotuning), each model prefills random
+prompts in forwards of at most --prefill-tokens tokens (rows of prefill-tokens / batch tokens, each
+continuing its cache: ours DecodeCache, fla's its Cache), which gives prefill tokens/s, then decodes
+--new-tokens tokens greedily, one forward a token, which gives the time per token and decode
+tokens/s, and the peak memory allocated while decoding (weights, cache and the step's temporaries).
+Every forward computes the logits of its last position only (`logits_to_keep=1`, as transformers'
+generate() asks for a prompt): a prefill forward's full logits would otherwise be part of what the
+decode peak measures. Both loops are the same few lines for both models: fla's own `generate()` adds
+transformers' per-token work (logits processors, stopping criteria) on top, which the row `fla-gdn
+generate()` measures once, at the smallest batch and prompt.
 
 The memory a recurrent model needs to decode does not grow with the prompt: the decode peak should be
 flat across prompt lengths.
@@ -56,7 +59,7 @@ class PrismModel:
         self.cache = DecodeCache.for_model(self.model, batch)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.model(tokens, cache=self.cache)[:, -1]
+        return self.model(tokens, cache=self.cache, logits_to_keep=1)[:, -1]
 
 
 class FlaModel:
@@ -76,7 +79,7 @@ class FlaModel:
         self.cache = None
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=tokens, past_key_values=self.cache, use_cache=True)
+        out = self.model(input_ids=tokens, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
         self.cache = out.past_key_values
         return out.logits[:, -1]
 
@@ -161,8 +164,10 @@ def main() -> None:
             continue
         model = kind(args.config, args.set)
         for batch in args.batches:
-            measure(model, batch, 256, 4, args.prefill_tokens)  # compiles and autotunes for this batch
             for prompt in args.prompts:
+                # Compiles and autotunes for this batch's decode step and this prompt's prefill forwards
+                # (all of one shape: prompt and chunk are powers of two), outside the timed run.
+                measure(model, batch, min(prompt, max(1, args.prefill_tokens // batch)), 2, args.prefill_tokens)
                 report(measure(model, batch, prompt, args.new_tokens, args.prefill_tokens), args.json)
         if kind is FlaModel:
             report(fla_generate(model, min(args.batches), min(args.prompts), args.new_tokens), args.json)

@@ -114,11 +114,17 @@ class PrismLM(nn.Module):
         return total
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None,
-                cu_seqlens: torch.Tensor | None = None, cache: DecodeCache | None = None) -> torch.Tensor:
+                cu_seqlens: torch.Tensor | None = None, cache: DecodeCache | None = None,
+                logits_to_keep: int = 0) -> torch.Tensor:
+        """The mean loss of `labels`, or (labels None) the logits of the last `logits_to_keep` positions
+        (0: all; a prefill needs only the last one's, not T x vocab of them)."""
         B, T = tokens.shape
         if self.sequence_parallel and T % tp_size():
             raise ValueError(f"sequence length {T} does not divide by the tensor-parallel size {tp_size()}, "
                              "which sequence parallelism needs")
+        if logits_to_keep and (self.sequence_parallel or cp_size() > 1):
+            raise ValueError("logits_to_keep needs each rank to hold whole sequences: sequence and context "
+                             "parallelism off")
         if cache is None:
             layouts = itertools.repeat(batch_layout(B, T, cu_seqlens, tokens.device))
         else:
@@ -132,10 +138,10 @@ class PrismLM(nn.Module):
                 x = checkpoint(layer, x, sequences, use_reentrant=False)
             else:
                 x = layer(x, sequences)
-        x = self.final_norm(x)
         head_weight = self.embedding.weight if self.cfg.tie_embeddings else self.lm_head.weight
         if labels is None:
-            return self._mask_vocab_padding(self.lm_head(x, head_weight))
+            return self._mask_vocab_padding(self.lm_head(self.final_norm(x[:, -logits_to_keep:]), head_weight))
+        x = self.final_norm(x)
         x = self.lm_head.parallel_input(x)
         # Under CP the mean over this rank's equal slice: the mean over CP ranks is the samples' mean.
         return linear_cross_entropy(x.flatten(0, 1), head_weight, labels.flatten(), self.cfg.vocab_size,

@@ -96,13 +96,12 @@ def test_bf16_decoding_on_gpu_within_bf16_rounding(name, steps):
     """In bf16 on a GPU (the chunk kernel prefills, the fused step decodes) every position's logits are
     about as far from the float64 forward's as the bf16 parallel forward's are: decoding adds no error
     beyond bf16 rounding. The prompts end `steps` tokens before each sequence does."""
-    import copy
-
     from prism_megatron.model import PrismLM
 
-    model = PrismLM(ModelConfig(**{**GPU_SHAPE, **MODELS[name]}), ParallelConfig(), seed=0).cuda()
-    exact = copy.deepcopy(model).double()
-    model = model.bfloat16()
+    # Two draws of one seed: the same weights (a deep copy would copy the layers' process groups).
+    exact, model = (PrismLM(ModelConfig(**{**GPU_SHAPE, **MODELS[name]}), ParallelConfig(), seed=0).cuda()
+                    for _ in range(2))
+    exact, model = exact.double(), model.bfloat16()
     gen = torch.Generator().manual_seed(0)
     sequences = [torch.randint(0, GPU_SHAPE["vocab_size"], (n,), generator=gen).cuda() for n in GPU_LENGTHS]
     want = torch.cat(parallel_logits(exact, sequences))

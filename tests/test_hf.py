@@ -67,9 +67,11 @@ def test_logits_equal_prismlm(loaded):
         want = prism.gather_logits(prism(tokens))
         got = model(tokens, use_cache=False).logits
         cached = model(tokens).logits  # the prefill of a cache
+        last = model(tokens, logits_to_keep=1).logits  # what generate() asks of a prompt
     assert got.shape == (2, 24, VOCAB)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(cached, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(last, want[:, -1:], rtol=1e-5, atol=1e-5)
 
 
 def _own_greedy(prism, prompts: list[list[int]], steps: int, eos_id: int) -> list[list[int]]:
@@ -82,7 +84,13 @@ def _own_greedy(prism, prompts: list[list[int]], steps: int, eos_id: int) -> lis
 def test_greedy_generate_gives_our_tokens(loaded):
     model, tokenizer, prism, ours = loaded
     ids = tokenizer("def function_1", return_tensors="pt")["input_ids"]
-    out = model.generate(ids, max_new_tokens=8, do_sample=False)
+    widths = []  # of the logits of each forward: the prompt's last position only, then each new token's
+    hook = model.register_forward_hook(lambda module, args, out: widths.append(out.logits.shape[1]))
+    try:
+        out = model.generate(ids, max_new_tokens=8, do_sample=False)
+    finally:
+        hook.remove()
+    assert widths == [1] * 8
     want = _own_greedy(prism, [ids[0].tolist()], 8, ours.eos_id)[0]
     assert out[0, ids.shape[1]:].tolist() == want
 
@@ -97,6 +105,7 @@ def test_a_padded_batch_is_each_prompt_alone(loaded):
             batch = tokenizer(TEXTS[:3], return_tensors="pt", padding=True)
             assert not batch["attention_mask"].all()
             logits = model(**batch).logits
+            torch.testing.assert_close(model(**batch, logits_to_keep=2).logits, logits[:, -2:], msg=side)
             for row, text in enumerate(TEXTS[:3]):
                 ids = torch.tensor([ours.encode_arrays([text])[0].tolist()])
                 want = prism.gather_logits(prism(ids))[0]
@@ -123,6 +132,7 @@ def test_the_export_runs_as_the_loading_device_runs_best(exported):
 def test_bf16_on_gpu_gives_our_logits_and_tokens(exported):
     """On CUDA in bf16 (the chunk kernel prefills, the fused step decodes) the transformers model gives
     PrismLM's logits and greedy tokens."""
+    import prism_megatron.hf  # noqa: F401 (registers the Auto classes)
     from prism_megatron.launch.checkpoint import load_exported
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

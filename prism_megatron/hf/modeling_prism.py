@@ -133,26 +133,28 @@ class PrismForCausalLM(PreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
                 cache: PrismCache | None = None, labels: torch.LongTensor | None = None,
-                use_cache: bool | None = None, **kwargs) -> CausalLMOutputWithPast:
+                use_cache: bool | None = None, logits_to_keep: int = 0, **kwargs) -> CausalLMOutputWithPast:
         """Logits [B, T, vocab] (float32) of input_ids [B, T], continuing `cache`'s sequences if given; with
         use_cache (default: config.use_cache, where no gradient is being recorded) the cache that continues
-        them. labels: next-token loss, transformers' convention (shifted inside, -100 ignored); the other
+        them. logits_to_keep: only the last this many positions' logits (0: all), as generate() asks for a
+        prompt. labels: next-token loss, transformers' convention (shifted inside, -100 ignored); the other
         keyword arguments are transformers' loss options (generate() passes a few that nothing here uses)."""
         if use_cache is None:
             use_cache = self.config.use_cache and not torch.is_grad_enabled()
         if use_cache and cache is None:
             cache = PrismCache(DecodeCache.for_model(self.model, input_ids.shape[0]))
-        logits = self._logits(input_ids, attention_mask, cache.memory if cache is not None else None)
+        logits = self._logits(input_ids, attention_mask, cache.memory if cache is not None else None,
+                              0 if labels is not None else logits_to_keep)
         loss = None if labels is None else self.loss_function(logits, labels, self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache else None)
 
     def _logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                memory: DecodeCache | None) -> torch.Tensor:
+                memory: DecodeCache | None, logits_to_keep: int) -> torch.Tensor:
         batch, length = input_ids.shape
         # generate() passes the mask of every token so far; the last `length` columns are this forward's.
         real = None if attention_mask is None else attention_mask[:, -length:].bool()
         if real is None or bool(real.all()):
-            return self.model.gather_logits(self.model(input_ids, cache=memory)).float()
+            return self.model.gather_logits(self.model(input_ids, cache=memory, logits_to_keep=logits_to_keep)).float()
         if memory is not None and not memory.fresh:
             raise ValueError("attention_mask has zeros among tokens that continue a cache: padding can only come "
                              "where the sequences start (the cache's first forward)")
@@ -160,7 +162,7 @@ class PrismForCausalLM(PreTrainedModel, GenerationMixin):
         packed = self.model.gather_logits(self.model(input_ids[real][None], cu_seqlens=bounds, cache=memory))[0]
         logits = packed.new_zeros(batch, length, packed.shape[-1])
         logits[real] = packed
-        return logits.float()
+        return logits[:, -logits_to_keep:].float()
 
 
 # from_pretrained's options that only say where to find a folder on the hub: nothing to do for a local one.
