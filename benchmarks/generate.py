@@ -2,7 +2,7 @@
 
     python benchmarks/generate.py [--config launch/configs/1.3b.yaml] [--set KEY=VALUE ...]
         [--batches 1 32] [--prompts 1024 8192 32768 131072] [--new-tokens 128]
-        [--prefill-tokens 65536] [--models prism fla-gdn] [--json FILE]
+        [--prefill-tokens 65536] [--models prism fla-gdn] [--json FILE] [--profile]
 
 Both models with random weights in bf16, in eval mode, fla's at the width and depth of the preset in
 its own head layout (benchmarks/model_step.py's FLA_SHAPES). For each batch size and prompt length,
@@ -118,6 +118,25 @@ def measure(model, batch: int, prompt: int, new_tokens: int, prefill_tokens: int
                 decode_peak_gb=torch.cuda.max_memory_allocated() / 1e9)
 
 
+def profile_decode(model, steps: int = 8) -> dict:
+    """`steps` decode steps at batch 1 (after a short prompt) under the torch profiler: their wall time,
+    their kernels' CUDA time, and the operators taking the most host time, for where a step goes when
+    it is bound by the host's launches rather than the GPU."""
+    measure(model, 1, 256, 2, 256)  # a prompt and two tokens: the cache is warm, the kernels compiled
+    token = torch.zeros(1, 1, dtype=torch.long, device="cuda")
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.no_grad(), torch.profiler.profile(activities=activities) as prof:
+        _, wall = timed(lambda: [model.forward(token) for _ in range(steps)])
+    events = prof.key_averages()
+    kernels = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx"))
+    top = sorted((e for e in events if e.device_type == torch.autograd.DeviceType.CPU),
+                 key=lambda e: e.self_cpu_time_total, reverse=True)[:15]
+    return dict(model=f"{model.name} decode profile", wall_ms_per_token=1e3 * wall / steps,
+                kernel_ms_per_token=kernels / 1e3 / steps, launches_per_token=launches / steps,
+                top_host_ops=[(e.key, e.count // steps, round(e.self_cpu_time_total / 1e3 / steps, 3)) for e in top])
+
+
 def fla_generate(model: FlaModel, batch: int, prompt: int, new_tokens: int) -> dict:
     """fla's model through transformers' generate(): greedy, exactly new_tokens tokens."""
     tokens = torch.randint(0, model.vocab_size, (batch, prompt), device="cuda")
@@ -131,7 +150,12 @@ def fla_generate(model: FlaModel, batch: int, prompt: int, new_tokens: int) -> d
 
 
 def report(row: dict, out: Path | None) -> None:
-    if "generate_s" in row:
+    if "top_host_ops" in row:
+        print(f"{row['model']:>20} | batch 1 | {row['wall_ms_per_token']:.2f} ms a token, of which kernels "
+              f"{row['kernel_ms_per_token']:.2f} ms | {row['launches_per_token']:.0f} kernel launches a token | "
+              "most host time a token (op, calls, ms): " + "; ".join(f"{k} {n} {ms}" for k, n, ms in row["top_host_ops"]),
+              flush=True)
+    elif "generate_s" in row:
         print(f"{row['model']:>20} | batch {row['batch']:>3} | prompt {row['prompt']:>6} | {row['generate_s']:.3f} s "
               f"for the prompt and the new tokens ({row['ms_per_token_with_prefill']:.2f} ms a token)", flush=True)
     else:
@@ -154,6 +178,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prefill-tokens", type=int, default=65536, help="the most tokens in one prefill forward")
     parser.add_argument("--json", type=Path, help="append one JSON line per row here")
+    parser.add_argument("--profile", action="store_true",
+                        help="only profile each model's decode step at batch 1 (host time, launches, kernels)")
     args = parser.parse_args()
     if "fla-gdn" in args.models and args.config.name not in FLA_SHAPES:
         parser.error(f"fla's model has no shape for {args.config.name}: add one to benchmarks/model_step.py's FLA_SHAPES")
@@ -163,6 +189,10 @@ def main() -> None:
         if kind.name not in args.models:
             continue
         model = kind(args.config, args.set)
+        if args.profile:
+            report(profile_decode(model), args.json)
+            del model
+            continue
         for batch in args.batches:
             for prompt in args.prompts:
                 # Compiles and autotunes for this batch's decode step and this prompt's prefill forwards
