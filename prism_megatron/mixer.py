@@ -154,9 +154,10 @@ class PrismMixer(nn.Module):
         fused = use_fused(self.fused_ops, conv_input)
         # Nothing between in_proj's output (kept anyway) and the recurrence is kept for the backward: the
         # convolution's output (at 1.3B, 16 KiB a token and layer) and the solver's intermediates are
-        # formed again there.
-        q, k, d, kx, beta = checkpoint(self.recurrence_inputs, sequences, fused, conv_input, halo, b,
-                                       use_reentrant=False)
+        # formed again there. Without autograd (evaluation, generation) there is no backward to form them.
+        inputs = (sequences, fused, conv_input, halo, b)
+        q, k, d, kx, beta = (checkpoint(self.recurrence_inputs, *inputs, use_reentrant=False)
+                             if torch.is_grad_enabled() else self.recurrence_inputs(*inputs))
         g = decay(fused, a, self.A_log, self.dt_bias)
         return sequences.recurrence(q, k, d, kx, beta.to(q.dtype), g, self.head_k_dim**-0.5, self.backend)
 
