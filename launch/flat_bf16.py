@@ -5,9 +5,10 @@ per parameter group, yet its step walks the parameters one at a time: a norm ker
 the global norm, a multiply per gradient to clip, and, in the engine's reduction, a copy of each flat
 buffer into a bucket and back (on one data-parallel rank too, where the all-reduce does nothing).
 At the 1.3B preset that is a few hundred kernel launches and two copies of the model's float32
-gradients every step, and a float32 copy of each bf16 gradient every micro batch. `FlatBF16Optimizer` keeps DeepSpeed's state, checkpoint format and arithmetic
-and does the same work over the flat buffers: the all-reduce in place, the clip as one multiply a
-buffer, the norms as one multi-tensor kernel, each accumulation as one mixed-precision addition.
+gradients every step, and a float32 copy of each bf16 gradient every micro batch.
+`FlatBF16Optimizer` keeps DeepSpeed's state, checkpoint format and arithmetic and does the same work
+over the flat buffers: the all-reduce in place, the clip as one multiply a buffer, the norms as one
+multi-tensor kernel, each accumulation as one mixed-precision addition.
 """
 from __future__ import annotations
 
