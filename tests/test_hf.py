@@ -142,7 +142,7 @@ def test_bf16_on_gpu_gives_our_logits_and_tokens(exported):
     prism = load_exported(folder).cuda().bfloat16().eval()
     ids = tokenizer(TEXTS[0], return_tensors="pt")["input_ids"].cuda()
     with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits, prism.gather_logits(prism(ids)), rtol=1.6e-2, atol=1.6e-2)
+        torch.testing.assert_close(model(ids).logits, prism.gather_logits(prism(ids)).float(), rtol=1.6e-2, atol=1.6e-2)
     out = model.generate(ids, max_new_tokens=8, do_sample=False)
     assert out[0, ids.shape[1]:].tolist() == _own_greedy(prism, [ids[0].tolist()], 8, tokenizer.eos_token_id)[0]
 
