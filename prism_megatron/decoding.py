@@ -171,7 +171,8 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, sampling: Sam
     out: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
     with torch.no_grad():
-        logits = model.gather_logits(model(tokens, cu_seqlens=bounds, cache=cache))[0, bounds[1:] - 1]
+        last = bounds[1:] - 1  # each prompt's last position in the packed row
+        logits = model.gather_logits(model(tokens, cu_seqlens=bounds, cache=cache, logits_to_keep=last))[0]
         for step in range(max_new_tokens):
             new = sampling.draw(logits, generator)
             if on_tokens is not None:

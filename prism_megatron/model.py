@@ -115,14 +115,16 @@ class PrismLM(nn.Module):
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None, cache: DecodeCache | None = None,
-                logits_to_keep: int = 0) -> torch.Tensor:
-        """The mean loss of `labels`, or (labels None) the logits of the last `logits_to_keep` positions
-        (0: all; a prefill needs only the last one's, not T x vocab of them)."""
+                logits_to_keep: int | torch.Tensor = 0) -> torch.Tensor:
+        """The mean loss of `labels`, or (labels None) logits: of the last `logits_to_keep` positions (0:
+        all), or of the positions a 1-D tensor names, as transformers means it. A prefill needs only its
+        sequences' last positions, not T x vocab logits."""
         B, T = tokens.shape
         if self.sequence_parallel and T % tp_size():
             raise ValueError(f"sequence length {T} does not divide by the tensor-parallel size {tp_size()}, "
                              "which sequence parallelism needs")
-        if logits_to_keep and (self.sequence_parallel or cp_size() > 1):
+        every_position = isinstance(logits_to_keep, int) and logits_to_keep == 0
+        if not every_position and (self.sequence_parallel or cp_size() > 1):
             raise ValueError("logits_to_keep needs each rank to hold whole sequences: sequence and context "
                              "parallelism off")
         if cache is None:
@@ -140,7 +142,8 @@ class PrismLM(nn.Module):
                 x = layer(x, sequences)
         head_weight = self.embedding.weight if self.cfg.tie_embeddings else self.lm_head.weight
         if labels is None:
-            return self._mask_vocab_padding(self.lm_head(self.final_norm(x[:, -logits_to_keep:]), head_weight))
+            kept = x[:, -logits_to_keep:] if isinstance(logits_to_keep, int) else x[:, logits_to_keep]
+            return self._mask_vocab_padding(self.lm_head(self.final_norm(kept), head_weight))
         x = self.final_norm(x)
         x = self.lm_head.parallel_input(x)
         # Under CP the mean over this rank's equal slice: the mean over CP ranks is the samples' mean.

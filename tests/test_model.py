@@ -99,6 +99,16 @@ def test_loss_and_gradients():
     assert model.num_parameters() == _model().num_parameters() - 64 * SMALL["hidden_size"]
 
 
+def test_logits_of_the_kept_positions_only():
+    """logits_to_keep as transformers means it: the last n positions, or the positions a tensor names."""
+    model = _model()
+    tokens = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        logits = model(tokens)
+        torch.testing.assert_close(model(tokens, logits_to_keep=3), logits[:, -3:])
+        torch.testing.assert_close(model(tokens, logits_to_keep=torch.tensor([0, 5])), logits[:, [0, 5]])
+
+
 def test_initialization_is_deterministic():
     a, b, c = _model(), _model(), _model()
     c.reset_parameters(seed=1)
