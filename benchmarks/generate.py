@@ -9,8 +9,10 @@ its own head layout (benchmarks/model_step.py's FLA_SHAPES). For each batch size
 after an untimed run at the same forward shapes (compilation, autotuning), each model prefills random
 prompts in forwards of at most --prefill-tokens tokens (rows of prefill-tokens / batch tokens, each
 continuing its cache: ours DecodeCache, fla's its Cache), which gives prefill tokens/s, then decodes
---new-tokens tokens greedily, one forward a token, which gives the time per token and decode
-tokens/s, and the peak memory allocated while decoding (weights, cache and the step's temporaries).
+greedily, a step a token: ours decoding.DecodeStep, as prism-generate decodes (its first step eager, its
+second captured as a CUDA graph, then replayed), fla's a forward. After two untimed steps, --new-tokens
+steps give the time per token and decode tokens/s, and the peak memory allocated while decoding
+(weights, cache, the step's temporaries and our graph's memory).
 Every forward computes the logits of its last position only (`logits_to_keep=1`, as transformers'
 generate() asks for a prompt): a prefill forward's full logits would otherwise be part of what the
 decode peak measures. Both loops are the same few lines for both models: fla's own `generate()` adds
@@ -54,12 +56,16 @@ class PrismModel:
         self.cache = None
 
     def start(self, batch: int) -> None:
-        from prism_megatron.decoding import DecodeCache
+        from prism_megatron.decoding import DecodeCache, DecodeStep
 
         self.cache = DecodeCache.for_model(self.model, batch)
+        self.decode = DecodeStep(self.model, self.cache)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model(tokens, cache=self.cache, logits_to_keep=1)[:, -1]
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.decode(tokens)
 
 
 class FlaModel:
@@ -83,6 +89,9 @@ class FlaModel:
         self.cache = out.past_key_values
         return out.logits[:, -1]
 
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.forward(tokens[:, None])
+
 
 def timed(run) -> tuple[object, float]:
     torch.cuda.synchronize()
@@ -104,15 +113,16 @@ def measure(model, batch: int, prompt: int, new_tokens: int, prefill_tokens: int
             logits = model.forward(tokens[:, start:start + chunk])
         return logits
 
-    def decode():
+    def decode(steps: int):
         nonlocal logits
-        for _ in range(new_tokens):
-            logits = model.forward(logits.argmax(-1)[:, None])
+        for _ in range(steps):
+            logits = model.step(logits.argmax(-1))
 
     with torch.no_grad():
         logits, prefill_s = timed(prefill)
         torch.cuda.reset_peak_memory_stats()
-        _, decode_s = timed(decode)
+        decode(2)  # ours: the eager step and the capture
+        _, decode_s = timed(lambda: decode(new_tokens))
     return dict(model=model.name, batch=batch, prompt=prompt, prefill_tokens_per_sec=batch * prompt / prefill_s,
                 decode_ms_per_token=1e3 * decode_s / new_tokens, decode_tokens_per_sec=batch * new_tokens / decode_s,
                 decode_peak_gb=torch.cuda.max_memory_allocated() / 1e9)
@@ -122,11 +132,11 @@ def profile_decode(model, steps: int = 8) -> dict:
     """`steps` decode steps at batch 1 (after a short prompt) under the torch profiler: their wall time,
     their kernels' CUDA time, and the operators taking the most host time, for where a step goes when
     it is bound by the host's launches rather than the GPU."""
-    measure(model, 1, 256, 2, 256)  # a prompt and two tokens: the cache is warm, the kernels compiled
-    token = torch.zeros(1, 1, dtype=torch.long, device="cuda")
+    measure(model, 1, 256, 2, 256)  # the cache is warm, the kernels compiled, ours captured
+    token = torch.zeros(1, dtype=torch.long, device="cuda")
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.no_grad(), torch.profiler.profile(activities=activities) as prof:
-        _, wall = timed(lambda: [model.forward(token) for _ in range(steps)])
+        _, wall = timed(lambda: [model.step(token) for _ in range(steps)])
     events = prof.key_averages()
     kernels = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
     launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx"))

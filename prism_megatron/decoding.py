@@ -4,6 +4,8 @@ recurrence (docs/PRISM.md Eq. 18), in memory and time per token independent of t
     cache = DecodeCache.for_model(model, num_sequences)
     logits = model(prompts, cu_seqlens=bounds, cache=cache)  # prefill: one document per sequence
     logits = model(next_tokens[:, None], cache=cache)        # then [N, 1] (or [N, T]) continuing each
+    decode = DecodeStep(model, cache)                        # or, on a GPU, a token at a time as a CUDA graph
+    logits = decode(next_tokens)                             #   (the gathered logits [N, vocab])
 
 A DecodeCache holds, per layer, the float32 state [N, H_local, K, V] of each sequence and its short
 convolution's last W-1 inputs [N, W-1, C_local]. For each forward it hands every layer a layout of its
@@ -45,17 +47,19 @@ class CachedSequences(WholeSequences):
     memory: LayerMemory
 
     def conv_halo(self, x: torch.Tensor, size: int) -> torch.Tensor | None:
-        halo = self.memory.conv_inputs
+        # The cached inputs are updated in place (a captured DecodeStep replays on the same tensors), so the
+        # halo handed out is the joined copy's.
+        kept = self.memory.conv_inputs
         if self.packed is None:
-            joined = torch.cat([halo, x], dim=1)
-            self.memory.conv_inputs = joined[:, joined.shape[1] - size:]
-            return halo
+            joined = torch.cat([kept, x], dim=1)
+            kept.copy_(joined[:, joined.shape[1] - size:])
+            return joined[:, :size]
         # A fresh cache: nothing comes before the documents; keep each one's last inputs.
         bounds = self.packed.cu_seqlens.to(device=x.device, dtype=torch.long)
         index = bounds[1:, None] - size + torch.arange(size, device=x.device)
         inside = index >= bounds[:-1, None]
         taken = join_rows(x)[0, index.clamp(min=0)]
-        self.memory.conv_inputs = torch.where(inside[..., None], taken, torch.zeros_like(taken))
+        kept.copy_(torch.where(inside[..., None], taken, torch.zeros_like(taken)))
         return None
 
     def recurrence(self, q: torch.Tensor, k: torch.Tensor, d: torch.Tensor, kx: torch.Tensor | None,
@@ -118,7 +122,7 @@ class DecodeCache:
                 raise ValueError(f"the cache holds {self.num_sequences} sequences but the tokens have {batch} rows")
             position = self.lengths[:, None] + torch.arange(length, device=device)
             packed = None
-            self.lengths = self.lengths + length
+            self.lengths += length
         else:
             if not self.fresh:
                 raise ValueError("cu_seqlens (prompts packed as documents) needs a fresh cache: "
@@ -127,9 +131,50 @@ class DecodeCache:
             if packed.num_seqs != self.num_sequences:
                 raise ValueError(f"the cache holds {self.num_sequences} sequences but cu_seqlens has {packed.num_seqs} documents")
             position = token_positions(batch, length, cu_seqlens, device)
-            self.lengths = packed.cu_seqlens.to(torch.long).diff()
+            self.lengths.copy_(packed.cu_seqlens.diff())
         self.fresh = False
         return [CachedSequences(position, packed, memory) for memory in self.layers]
+
+
+class DecodeStep:
+    """The decode forward of a model and its cache: tokens [N] (the next token of each sequence) -> the
+    logits of the position after them [N, vocab], gathered on every TP rank.
+
+    On a GPU the step is captured once as a CUDA graph and then replayed: a decoded token otherwise costs
+    the host's launching of every layer's kernels, which at small batches takes longer than the kernels
+    (docs/PERFORMANCE.md). The first step runs eagerly (compilation, autotuning and lazy initialisation
+    happen there, as capturing needs), the second captures. The graph reads and updates the cache's
+    tensors in place: while a DecodeStep is used its cache keeps its sequences (no select), and the
+    logits it returns are overwritten by its next step."""
+
+    def __init__(self, model: torch.nn.Module, cache: DecodeCache):
+        self.model, self.cache = model, cache
+        self.tokens: torch.Tensor | None = None
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.gather_logits(self.model(tokens, cache=self.cache))[:, 0]
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        tokens = tokens[:, None]
+        if not tokens.is_cuda:
+            return self.forward(tokens)
+        if self.tokens is None:
+            self.tokens = tokens.clone()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                logits = self.forward(self.tokens)
+            torch.cuda.current_stream().wait_stream(side)
+            return logits
+        if self.graph is None:
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = self.forward(self.tokens)
+        self.tokens.copy_(tokens)
+        self.graph.replay()
+        return self.logits
 
 
 @dataclass(frozen=True)
@@ -166,6 +211,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, sampling: Sam
     device = next(model.parameters()).device
     lengths = [len(p) for p in prompts]
     cache = DecodeCache.for_model(model, len(prompts))
+    decode = DecodeStep(model, cache)
     tokens = torch.tensor([t for p in prompts for t in p], device=device)[None]
     bounds = torch.tensor([0] + lengths, device=device).cumsum(0)
     out: list[list[int]] = [[] for _ in prompts]
@@ -183,5 +229,5 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, sampling: Sam
                     done[n] = t == eos_id
             if all(done) or step + 1 == max_new_tokens:
                 break
-            logits = model.gather_logits(model(new[:, None], cache=cache))[:, 0]
+            logits = decode(new)
     return out

@@ -46,10 +46,12 @@ def parallel_logits(model, sequences: list[torch.Tensor]) -> list[torch.Tensor]:
 
 def prefill_then_decode(model, sequences: list[torch.Tensor], steps: int) -> list[torch.Tensor]:
     """Each sequence's logits: all but its last `steps` tokens (at least none) prefilled together, then a
-    token at a time, all sequences in step (one that has ended is fed token 0, its logits dropped)."""
-    from prism_megatron.decoding import DecodeCache
+    token at a time (decoding.DecodeStep: on a GPU a CUDA graph from the second step), all sequences in step
+    (one that has ended is fed token 0, its logits dropped)."""
+    from prism_megatron.decoding import DecodeCache, DecodeStep
 
     cache = DecodeCache.for_model(model, len(sequences))
+    decode = DecodeStep(model, cache)
     prompt_lengths = [max(len(s) - steps, 0) for s in sequences]
     out: list[list[torch.Tensor]] = [[] for _ in sequences]
     with torch.no_grad():
@@ -61,10 +63,10 @@ def prefill_then_decode(model, sequences: list[torch.Tensor], steps: int) -> lis
         for step in range(steps):
             index = [n + step for n in prompt_lengths]
             tokens = torch.stack([s[i] if i < len(s) else s.new_zeros(()) for s, i in zip(sequences, index)])
-            logits = model.gather_logits(model(tokens[:, None], cache=cache))
+            logits = decode(tokens)
             for n, (s, i) in enumerate(zip(sequences, index)):
                 if i < len(s):
-                    out[n].append(logits[n])
+                    out[n].append(logits[n:n + 1].clone())  # the next step overwrites a graph's logits
     return [torch.cat(parts) for parts in out]
 
 
@@ -108,6 +110,41 @@ def test_bf16_decoding_on_gpu_within_bf16_rounding(name, steps):
     parallel_error = (torch.cat(parallel_logits(model, sequences)).double() - want).abs().max()
     decode_error = (torch.cat(prefill_then_decode(model, sequences, steps)).double() - want).abs().max()
     assert decode_error <= 1.5 * parallel_error, (decode_error.item(), parallel_error.item())
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("single_process")
+@pytest.mark.parametrize("name", ["prism-L3", "none-tied"])
+def test_captured_decode_step_equals_the_eager_forward(name):
+    """DecodeStep's CUDA graph, replayed, gives what the eager forward gives from the same cache, step after
+    step: it reads and updates the cache's state, convolution inputs and lengths in place, not the
+    tensors it was captured with. float32, so that only the order of sums could part them."""
+    from prism_megatron.decoding import DecodeCache, DecodeStep
+
+    model = _gpu_model(MODELS[name])
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, GPU_SHAPE["vocab_size"], (n,), generator=gen).cuda() for n in (37, 5)]
+    tokens, bounds = _packed(prompts)
+    caches = [DecodeCache.for_model(model, len(prompts)) for _ in range(2)]
+    decode = DecodeStep(model, caches[0])
+    with torch.no_grad():
+        for cache in caches:
+            model(tokens, cu_seqlens=bounds, cache=cache, logits_to_keep=bounds[1:] - 1)
+        for _ in range(6):
+            step = torch.randint(0, GPU_SHAPE["vocab_size"], (len(prompts),), generator=gen).cuda()
+            want = model(step[:, None], cache=caches[1])[:, 0]
+            torch.testing.assert_close(decode(step), want, atol=1e-4, rtol=1e-4)
+    assert decode.graph is not None
+    torch.testing.assert_close(caches[0].lengths, caches[1].lengths, atol=0, rtol=0)
+    for captured, eager in zip(caches[0].layers, caches[1].layers):
+        torch.testing.assert_close(captured.state, eager.state, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(captured.conv_inputs, eager.conv_inputs, atol=0, rtol=0)
+
+
+def _gpu_model(overrides: dict):
+    from prism_megatron.model import PrismLM
+
+    return PrismLM(ModelConfig(**{**GPU_SHAPE, **overrides}), ParallelConfig(), seed=0).cuda()
 
 
 @pytest.mark.usefixtures("single_process")
