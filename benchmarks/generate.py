@@ -104,13 +104,14 @@ def timed(run) -> tuple[object, float]:
 def measure(model, batch: int, prompt: int, new_tokens: int, prefill_tokens: int) -> dict:
     """Prefill `prompt` random tokens in each of `batch` sequences, then decode `new_tokens` greedily."""
     gen = torch.Generator(device="cuda").manual_seed(0)
-    tokens = torch.randint(0, model.vocab_size, (batch, prompt), device="cuda", generator=gen)
     chunk = max(1, prefill_tokens // batch)
     model.start(batch)
 
-    def prefill():
+    def prefill():  # each forward's tokens drawn as it comes: no prompt-sized tensor outlives the prefill
         for start in range(0, prompt, chunk):
-            logits = model.forward(tokens[:, start:start + chunk])
+            tokens = torch.randint(0, model.vocab_size, (batch, min(chunk, prompt - start)), device="cuda",
+                                   generator=gen)
+            logits = model.forward(tokens)
         return logits
 
     def decode(steps: int):
