@@ -100,9 +100,10 @@ def test_bf16_decoding_on_gpu_within_bf16_rounding(name, steps):
     beyond bf16 rounding. The prompts end `steps` tokens before each sequence does."""
     from prism_megatron.model import PrismLM
 
-    # Two draws of one seed: the same weights (a deep copy would copy the layers' process groups).
-    exact, model = (PrismLM(ModelConfig(**{**GPU_SHAPE, **MODELS[name]}), ParallelConfig(), seed=0).cuda()
-                    for _ in range(2))
+    # Two draws of one seed: the same weights (a deep copy would copy the layers' process groups). The
+    # float64 one runs the PyTorch forms (the Triton kernels take 16- and 32-bit inputs).
+    exact, model = (PrismLM(ModelConfig(**{**GPU_SHAPE, **MODELS[name], **backend}), ParallelConfig(), seed=0).cuda()
+                    for backend in (dict(kernel_backend="torch", fused_ops="off"), {}))
     exact, model = exact.double(), model.bfloat16()
     gen = torch.Generator().manual_seed(0)
     sequences = [torch.randint(0, GPU_SHAPE["vocab_size"], (n,), generator=gen).cuda() for n in GPU_LENGTHS]
