@@ -284,7 +284,18 @@ def test_what_the_model_cannot_do_is_refused(loaded, exported, tmp_path):
         model.save_pretrained(tmp_path / "saved")
     with pytest.raises(ValueError, match="cannot apply quantization_config"):
         AutoModelForCausalLM.from_pretrained(exported, quantization_config={"load_in_8bit": True})
+    with pytest.raises(ValueError, match="holds a PEFT adapter"):
+        AutoModelForCausalLM.from_pretrained(exported, adapter_kwargs={"_adapter_model_path": str(exported)})
     partial = tmp_path / "partial"
     shutil.copytree(exported, partial, ignore=shutil.ignore_patterns("model.safetensors"))
     with pytest.raises(OSError, match=f"{partial / 'model.safetensors'}: cannot read the exported weights"):
         AutoModelForCausalLM.from_pretrained(partial)
+
+
+def test_loads_where_peft_is_installed(exported):
+    """With peft installed transformers' Auto class passes adapter_kwargs with the hub revision even for
+    a folder without an adapter (the GPU machine's image has peft): the folder still loads."""
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(exported, adapter_kwargs={"revision": "main"}).config.vocab_size == VOCAB
+

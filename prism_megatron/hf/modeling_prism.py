@@ -97,6 +97,12 @@ class PrismForCausalLM(PreTrainedModel, GenerationMixin):
         from prism_megatron.launch.checkpoint import CheckpointError, exported_weights
         from prism_megatron.launch.checkpoint.export import model_with_weights
 
+        # transformers' Auto class passes adapter_kwargs (at least the revision) whenever peft is installed;
+        # it names an adapter only where it found one in the folder.
+        if (options.get("adapter_kwargs") or {}).get("_adapter_model_path"):
+            raise ValueError(f"{pretrained_model_name_or_path} holds a PEFT adapter: PrismForCausalLM loads "
+                             "`prism-ckpt export` folders, not adapters")
+        options.pop("adapter_kwargs", None)
         changing = sorted(k for k, v in options.items() if v and k not in HUB_OPTIONS)
         if model_args or changing:
             raise ValueError(f"PrismForCausalLM.from_pretrained takes a folder, config, dtype and device_map; "
