@@ -31,16 +31,9 @@ out=${1:?$usage}
 what=${2:?$usage}
 shift 2
 case "$what" in tests|bench|all|sweep) ;; *) echo "$usage" >&2; exit 2 ;; esac
-root=$(cd "$(dirname "$0")/.." && pwd)
 out=$(mkdir -p "$out" && cd "$out" && pwd)
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+source "$(dirname "$0")/gpu_env.sh"
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$root/.triton_cache}
-
-python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --target /tmp/prism_site "$root"/.whl/*.whl \
-    || exit 1
-# The checkout is the import tree (prism_megatron/ links kernels/, launch/ and data_prep/).
-export PYTHONPATH="$root:/tmp/prism_site${PYTHONPATH:+:$PYTHONPATH}"
-cd "$root" || exit 1
 work=$(mktemp -d)
 
 if [ "$what" = sweep ]; then

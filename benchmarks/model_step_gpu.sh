@@ -28,18 +28,12 @@ shift
 for part in "$@"; do
     case "$part" in main|profile|matrix|2.7b|125m) ;; *) echo "$usage" >&2; exit 2 ;; esac
 done
-root=$(cd "$(dirname "$0")/.." && pwd)
 out=$(mkdir -p "$out" && cd "$out" && pwd)
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+source "$(dirname "$0")/gpu_env.sh"
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$root/.triton_cache} TRITON_CACHE_AUTOTUNING=1
 if [ -f "$root/runs/autotune.tgz" ]; then
     mkdir -p "$TRITON_CACHE_DIR" && tar xzf "$root/runs/autotune.tgz" -C "$TRITON_CACHE_DIR" --skip-old-files || exit 1
 fi
-
-python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --target /tmp/prism_site "$root"/.whl/*.whl \
-    || exit 1
-export PYTHONPATH="$root:/tmp/prism_site${PYTHONPATH:+:$PYTHONPATH}"
-cd "$root" || exit 1
 store=/tmp/model_step/store
 # A warm machine keeps the store of an earlier call (the marker says it was finished).
 if [ ! -f /tmp/model_step/built ]; then

@@ -23,20 +23,13 @@ usage="usage: bash benchmarks/quality_gpu.sh OUT_DIR PLAN [quality.py arguments]
 out=${1:?$usage}
 plan=${2:?$usage}
 shift 2
-root=$(cd "$(dirname "$0")/.." && pwd)
 out=$(mkdir -p "$out" && cd "$out" && pwd)
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+source "$(dirname "$0")/gpu_env.sh"
 export TRITON_CACHE_DIR=$root/.compile_cache/triton TORCHINDUCTOR_CACHE_DIR=$root/.compile_cache/inductor
 if [ -f "$root/runs/compile-cache.tgz" ]; then
     mkdir -p "$root/.compile_cache" && tar xzf "$root/runs/compile-cache.tgz" -C "$root/.compile_cache" --skip-old-files \
         || exit 1
 fi
-
-python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --target /tmp/prism_site "$root"/.whl/*.whl \
-    || exit 1
-# The checkout is the import tree (prism_megatron/ links kernels/, launch/ and data_prep/).
-export PYTHONPATH="$root:/tmp/prism_site${PYTHONPATH:+:$PYTHONPATH}"
-cd "$root" || exit 1
 
 if grep -q "runs/py40/store" "$plan"; then
     bash benchmarks/py40_store.sh runs/py40 > "$out/corpus.log" 2>&1

@@ -16,13 +16,8 @@ set -u
 usage="usage: bash benchmarks/rounding_gpu.sh OUT_DIR [quality.py arguments]"
 out=${1:?$usage}
 shift
-root=$(cd "$(dirname "$0")/.." && pwd)
 out=$(mkdir -p "$out" && cd "$out" && pwd)
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
-python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --target /tmp/prism_site "$root"/.whl/*.whl \
-    || exit 1
-export PYTHONPATH="$root:/tmp/prism_site${PYTHONPATH:+:$PYTHONPATH}"
-cd "$root" || exit 1
+source "$(dirname "$0")/gpu_env.sh"
 
 guard() {
     python3 benchmarks/training_curve.py update --device gpu && cp tests/golden/curves-gpu.json "$out"/ || return 1

@@ -138,3 +138,18 @@ def assert_refused(result: subprocess.CompletedProcess, command: str, code: int,
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"{command}: error: ") and words in last, result.stderr
     assert "Traceback" not in result.stderr and result.stderr.count("error") == 1
+
+
+def test_generation_benchmark_scripts_explain_their_usage(tmp_path):
+    """benchmarks/generate.py (the GPU benchmark against fla's model) describes its arguments without a
+    GPU, and benchmarks/generate_gpu.sh, run with a part it does not have, says how to run it and exits 2
+    before it installs or writes anything."""
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "generate.py"), "--help"], capture_output=True,
+                            text=True, timeout=120, env=command_env())
+    assert result.returncode == 0, result.stderr
+    assert "--prompts" in result.stdout and "--profile" in result.stdout
+    result = subprocess.run(["bash", str(REPO / "benchmarks" / "generate_gpu.sh"), str(tmp_path / "out"), "fla-gdn"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "tests|profile|prism|fla" in result.stderr
+    assert not (tmp_path / "out").exists()
