@@ -8,7 +8,9 @@ Both models with random weights in bf16, in eval mode, fla's at the width and de
 its own head layout (benchmarks/model_step.py's FLA_SHAPES). For each batch size and prompt length,
 after an untimed run at the same forward shapes (compilation, autotuning), each model prefills random
 prompts in forwards of at most --prefill-tokens tokens (rows of prefill-tokens / batch tokens, each
-continuing its cache: ours DecodeCache, fla's its Cache), which gives prefill tokens/s, then decodes
+continuing its cache: ours DecodeCache, fla's its Cache), which gives prefill tokens/s (beside it, one
+forward of the first prefill forward's shape without a cache, as a training step's forward runs:
+`forward tokens/s`, which prefill should match), then decodes
 greedily, a step a token: ours decoding.DecodeStep, as prism-generate decodes (its first step eager, its
 second captured as a CUDA graph, then replayed), fla's a forward. After two untimed steps, --new-tokens
 steps give the time per token and decode tokens/s, and the peak memory allocated while decoding
@@ -64,6 +66,9 @@ class PrismModel:
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model(tokens, cache=self.cache, logits_to_keep=1)[:, -1]
 
+    def forward_uncached(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model(tokens, logits_to_keep=1)[:, -1]
+
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.decode(tokens)
 
@@ -88,6 +93,9 @@ class FlaModel:
         out = self.model(input_ids=tokens, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
         self.cache = out.past_key_values
         return out.logits[:, -1]
+
+    def forward_uncached(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=tokens, use_cache=False, logits_to_keep=1).logits[:, -1]
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.forward(tokens[:, None])
@@ -124,9 +132,13 @@ def measure(model, batch: int, prompt: int, new_tokens: int, prefill_tokens: int
         torch.cuda.reset_peak_memory_stats()
         decode(2)  # ours: the eager step and the capture
         _, decode_s = timed(lambda: decode(new_tokens))
+        decode_peak = torch.cuda.max_memory_allocated()
+        first = torch.randint(0, model.vocab_size, (batch, min(chunk, prompt)), device="cuda", generator=gen)
+        _, forward_s = timed(lambda: model.forward_uncached(first))
     return dict(model=model.name, batch=batch, prompt=prompt, prefill_tokens_per_sec=batch * prompt / prefill_s,
+                forward_tokens_per_sec=first.numel() / forward_s,
                 decode_ms_per_token=1e3 * decode_s / new_tokens, decode_tokens_per_sec=batch * new_tokens / decode_s,
-                decode_peak_gb=torch.cuda.max_memory_allocated() / 1e9)
+                decode_peak_gb=decode_peak / 1e9)
 
 
 def profile_decode(model, steps: int = 8) -> dict:
@@ -171,7 +183,7 @@ def report(row: dict, out: Path | None) -> None:
               f"for the prompt and the new tokens ({row['ms_per_token_with_prefill']:.2f} ms a token)", flush=True)
     else:
         print(f"{row['model']:>20} | batch {row['batch']:>3} | prompt {row['prompt']:>6} | prefill "
-              f"{row['prefill_tokens_per_sec']:>10,.0f} tokens/s | decode {row['decode_ms_per_token']:6.2f} ms a token, "
+              f"{row['prefill_tokens_per_sec']:>10,.0f} tokens/s (forward {row['forward_tokens_per_sec']:,.0f}) | decode {row['decode_ms_per_token']:6.2f} ms a token, "
               f"{row['decode_tokens_per_sec']:>8,.0f} tokens/s | decode peak {row['decode_peak_gb']:.3f} GB", flush=True)
     if out is not None:
         with out.open("a") as f:
