@@ -147,6 +147,20 @@ def test_bf16_on_gpu_gives_our_logits_and_tokens(exported):
     assert out[0, ids.shape[1]:].tolist() == _own_greedy(prism, [ids[0].tolist()], 8, tokenizer.eos_token_id)[0]
 
 
+@pytest.mark.gpu
+def test_beam_search_on_gpu_decodes_from_the_reordered_cache(exported):
+    """On CUDA generate() decodes a token at a time as a CUDA graph over the cache's tensors; beam search
+    reorders the cache into new tensors between steps, after which the old graph must not be replayed:
+    with the cache it gives the beams it gives without one (float32)."""
+    import prism_megatron.hf  # noqa: F401 (registers the Auto classes)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(exported, device_map="cuda")
+    batch = AutoTokenizer.from_pretrained(exported)(TEXTS[:2], return_tensors="pt", padding=True).to("cuda")
+    options = dict(max_new_tokens=6, num_beams=3, do_sample=False, early_stopping=True)
+    assert torch.equal(model.generate(**batch, **options), model.generate(**batch, **options, use_cache=False))
+
+
 def test_sampling_runs_seeded(loaded):
     from transformers import set_seed
 

@@ -20,7 +20,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from prism_megatron.config import ParallelConfig
-from prism_megatron.decoding import DecodeCache
+from prism_megatron.decoding import DecodeCache, DecodeStep
 from prism_megatron.hf.configuration_prism import PrismConfig
 from prism_megatron.model import PrismLM
 
@@ -33,23 +33,35 @@ class PrismCache(Cache):
     expects the model's layers to call update_conv_state / update_recurrent_state, whereas PrismLM's
     mixer reads and writes the memory through its CachedSequences layout (decoding.py), the one path
     prism-generate also takes. A recurrent state cannot be rolled back, so crop() (assisted decoding)
-    is refused."""
+    is refused. A token at a time it decodes as prism-generate does (decoding.DecodeStep: on a GPU a CUDA
+    graph), until generate() reorders its sequences."""
 
     def __init__(self, memory: DecodeCache):
         super().__init__(layers=[])
         self.memory = memory
+        self.step: DecodeStep | None = None
+
+    def decode(self, model: PrismLM, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [N] -> the logits [N, vocab] after them, in a tensor of their own."""
+        if self.step is None:
+            self.step = DecodeStep(model, self.memory)
+        return self.step(tokens).clone()  # the step's next replay overwrites its logits
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return int(self.memory.lengths.max())
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self.memory.select(beam_idx)
+        self._select(beam_idx)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self.memory.select(indices)
+        self._select(indices)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        self.memory.select(torch.arange(self.memory.num_sequences).repeat_interleave(repeats))
+        self._select(torch.arange(self.memory.num_sequences).repeat_interleave(repeats))
+
+    def _select(self, index: torch.Tensor) -> None:
+        self.memory.select(index)
+        self.step = None  # it holds the tensors the selection replaced
 
     @property
     def is_compileable(self) -> bool:
@@ -149,17 +161,19 @@ class PrismForCausalLM(PreTrainedModel, GenerationMixin):
             use_cache = self.config.use_cache and not torch.is_grad_enabled()
         if use_cache and cache is None:
             cache = PrismCache(DecodeCache.for_model(self.model, input_ids.shape[0]))
-        logits = self._logits(input_ids, attention_mask, cache.memory if cache is not None else None,
-                              0 if labels is not None else logits_to_keep)
+        logits = self._logits(input_ids, attention_mask, cache, 0 if labels is not None else logits_to_keep)
         loss = None if labels is None else self.loss_function(logits, labels, self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache else None)
 
     def _logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                memory: DecodeCache | None, logits_to_keep: int) -> torch.Tensor:
+                cache: PrismCache | None, logits_to_keep: int) -> torch.Tensor:
         batch, length = input_ids.shape
+        memory = None if cache is None else cache.memory
         # generate() passes the mask of every token so far; the last `length` columns are this forward's.
         real = None if attention_mask is None else attention_mask[:, -length:].bool()
         if real is None or bool(real.all()):
+            if length == 1 and memory is not None and not memory.fresh:
+                return cache.decode(self.model, input_ids[:, 0])[:, None].float()
             return self.model.gather_logits(self.model(input_ids, cache=memory, logits_to_keep=logits_to_keep)).float()
         if memory is not None and not memory.fresh:
             raise ValueError("attention_mask has zeros among tokens that continue a cache: padding can only come "
