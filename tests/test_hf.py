@@ -312,4 +312,3 @@ def test_loads_where_peft_is_installed(exported):
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(exported, adapter_kwargs={"revision": "main"}).config.vocab_size == VOCAB
-

@@ -42,10 +42,11 @@ class PrismCache(Cache):
         self.step: DecodeStep | None = None
 
     def decode(self, model: PrismLM, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [N] -> the logits [N, vocab] after them, in a tensor of their own."""
+        """tokens [N] -> the float32 logits [N, vocab] after them, in a tensor of their own (the step's
+        next replay overwrites its logits)."""
         if self.step is None:
             self.step = DecodeStep(model, self.memory)
-        return self.step(tokens).clone()  # the step's next replay overwrites its logits
+        return self.step(tokens).to(torch.float32, copy=True)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return int(self.memory.lengths.max())
@@ -173,7 +174,7 @@ class PrismForCausalLM(PreTrainedModel, GenerationMixin):
         real = None if attention_mask is None else attention_mask[:, -length:].bool()
         if real is None or bool(real.all()):
             if length == 1 and memory is not None and not memory.fresh:
-                return cache.decode(self.model, input_ids[:, 0])[:, None].float()
+                return cache.decode(self.model, input_ids[:, 0])[:, None]
             return self.model.gather_logits(self.model(input_ids, cache=memory, logits_to_keep=logits_to_keep)).float()
         if memory is not None and not memory.fresh:
             raise ValueError("attention_mask has zeros among tokens that continue a cache: padding can only come "
