@@ -12,8 +12,10 @@ atomic, as they are on NFS and Lustre).
 modification time is the heartbeat, which a thread refreshes every stale_after / 4 seconds (10 at
 most). A lock belongs to its holder until the holder is gone: no heartbeat for longer than
 `stale_after`, or, on the holder's own host, a pid that no longer exists. A run that finds such a
-lock renames it aside (of several runs doing so at once, one rename succeeds; a run that moved a
-lock fresher than the one it judged puts it back) and then creates its own.
+lock first claims the right to replace it by creating `DIR/run.lock.next.TOKEN` (TOKEN: the gone
+holder's), which only one run can do; the claimant checks that the lock is still the one it judged
+and renames its own over it. A claimant that is gone itself, before finishing, is succeeded the
+same way, through `run.lock.next.` its own token.
 
 A live holder is refused at once, except an earlier run of the Slurm job that this run is a
 requeue of: it may still be finishing on a node that Slurm gave up on (declared down, and requeued
@@ -87,7 +89,7 @@ class RunLock:
         deadline = time.monotonic() + patience
         took_over = None
         for _ in range(_ATTEMPTS):
-            if self._create():
+            if self._create(self.path):
                 break
             holder = self._read()
             if holder is None:  # released or moved aside since: try again
@@ -103,9 +105,10 @@ class RunLock:
             if why is None:
                 raise RunLockError(f"checkpoint.dir {self.folder} is in use by another run ({holder.describe(now)}; "
                                    f"{self.path}){waited}: wait for it to end, or remove {self.path} if it is gone")
-            if self._move_aside(holder):
+            if self._take_over(holder):
                 took_over = (f"checkpoint.dir {self.folder}: took over the lock of a run that is gone "
                              f"({holder.describe(now)}): {why}")
+                break
         else:
             raise RunLockError(f"checkpoint.dir {self.folder}: other runs keep taking {self.path}; "
                                "is more than one run starting in this folder?")
@@ -134,9 +137,19 @@ class RunLock:
 
     # ------------------------------------------------------------------------------------------
 
-    def _create(self) -> bool:
-        """Create the lock file whole or not at all: write a file of our own, then link it to the
-        lock's name, which fails if that name exists."""
+    def _create(self, path: Path) -> bool:
+        """Create `path` holding this run's record, whole or not at all: write a file of our own,
+        then link it to that name, which fails if the name exists."""
+        mine = self._write_record()
+        try:
+            os.link(mine, path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            mine.unlink(missing_ok=True)
+
+    def _write_record(self) -> Path:
         record = {"host": socket.gethostname(), "pid": os.getpid(), "job": os.environ.get("SLURM_JOB_ID"),
                   "started": time.time(), "token": self.token}
         mine = self.path.with_name(f"{LOCK_FILE}.{self.token}")
@@ -146,18 +159,17 @@ class RunLock:
                     json.dump(record, f)
                     f.flush()
                     os.fsync(f.fileno())
-            os.link(mine, self.path)
-            return True
-        except FileExistsError:
-            return False
-        finally:
+        except BaseException:
             mine.unlink(missing_ok=True)
+            raise
+        return mine
 
-    def _read(self) -> Holder | None:
-        """The lock's holder; None if there is no lock file. A file that does not parse (written by
-        something else) is held by an unknown run, alive while its modification time is fresh."""
+    def _read(self, path: Path | None = None) -> Holder | None:
+        """Who holds the lock (or a claim on it, given its path); None if there is no such file. A
+        file that does not parse (written by something else) is held by an unknown run, alive while
+        its modification time is fresh."""
         try:
-            with open(self.path) as f:
+            with open(path or self.path) as f:
                 stat = os.fstat(f.fileno())
                 text = f.read()
         except FileNotFoundError:
@@ -204,24 +216,39 @@ class RunLock:
                 return holder, why
         return holder, None
 
-    def _move_aside(self, judged: Holder) -> bool:
-        """Rename the lock judged gone out of the way; False if another run got there first."""
-        aside = self.path.with_name(f"{LOCK_FILE}.gone.{self.token}")
+    def _take_over(self, judged: Holder) -> bool:
+        """Replace the lock judged gone with this run's; False if another run is taking it over or
+        has done so."""
+        claims = []  # ours last, after those of claimants gone before finishing
+        key = judged.token or f"inode-{judged.inode}"
+        while True:
+            claim = self.path.with_name(f"{LOCK_FILE}.next.{key}")
+            if self._create(claim):
+                claims.append(claim)
+                break
+            claimant = self._read(claim)
+            if claimant is None:  # that claimant has finished or given up since: claim again
+                continue
+            if self._gone(claimant, time.time()) is None:
+                # A live claimant finishes in moments: wait for that, leaving the claims alone
+                # (they are what keeps the other runs out), then judge whatever holds the lock.
+                while (still := self._read(claim)) is not None and still.inode == claimant.inode \
+                        and self._gone(still, time.time()) is None:
+                    time.sleep(min(0.1, self.stale_after / 4))
+                return False
+            claims.append(claim)
+            key = claimant.token or f"inode-{claimant.inode}"
         try:
-            os.rename(self.path, aside)
-        except FileNotFoundError:
-            return False
-        if os.stat(aside).st_ino != judged.inode:
-            # Another run took the stale lock over between our read and our rename: give its
-            # lock back (unless a third run has created one in the meantime).
-            try:
-                os.link(aside, self.path)
-            except FileExistsError:
-                pass
-            aside.unlink()
-            return False
-        aside.unlink()
-        return True
+            current = self._read()
+            if current is None or (current.token, current.inode) != (judged.token, judged.inode):
+                return False
+            os.rename(self._write_record(), self.path)
+            return True
+        finally:
+            # The lock is no longer the one judged, for good (tokens are never reused), so a run
+            # that makes one of these claims again will find that out and give up.
+            for claim in claims:
+                claim.unlink(missing_ok=True)
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(min(10.0, self.stale_after / 4)):

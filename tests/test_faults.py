@@ -314,6 +314,33 @@ def test_runs_taking_over_one_stale_lock_at_once_leave_exactly_one_holder(tmp_pa
         assert not list(tmp_path.glob(f"{LOCK_FILE}.*"))
 
 
+
+def test_a_takeover_left_half_done_is_finished_and_one_under_way_is_waited_for(tmp_path):
+    # A run that claimed the stale lock and died before replacing it.
+    stale_lock(tmp_path)
+    claim = tmp_path / f"{LOCK_FILE}.next.old"
+    claim.write_text(json.dumps({"host": "elsewhere", "pid": 2, "job": "77", "started": 0, "token": "dead"}))
+    os.utime(claim, (time.time() - 60, time.time() - 60))
+    lock = RunLock(tmp_path, stale_after=30)
+    assert "no heartbeat for 3600 s" in (lock.acquire() or "")
+    assert [path.name for path in tmp_path.iterdir()] == [LOCK_FILE]
+    lock.release()
+
+    # A live run claimed it and is replacing it: wait, then find that run holding the lock.
+    stale_lock(tmp_path)
+    claim.write_text(json.dumps({"host": "elsewhere", "pid": 2, "job": "77", "started": 0, "token": "live"}))
+
+    def finish_taking_over():
+        (tmp_path / "new").write_text(json.dumps({"host": "elsewhere", "pid": 2, "job": "77",
+                                                  "started": time.time(), "token": "live"}))
+        os.rename(tmp_path / "new", tmp_path / LOCK_FILE)
+        claim.unlink()
+
+    threading.Timer(0.5, finish_taking_over).start()
+    with pytest.raises(RunLockError, match="in use by another run \\(host elsewhere, pid 2"):
+        RunLock(tmp_path, stale_after=30).acquire()
+    assert [path.name for path in tmp_path.iterdir()] == [LOCK_FILE]
+
 # ----------------------------------------------------------------------------------------------
 # A diverged run
 
