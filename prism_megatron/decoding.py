@@ -157,6 +157,10 @@ class DecodeStep:
         return self.model.gather_logits(self.model(tokens, cache=self.cache))[:, 0]
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.shape != (self.cache.num_sequences,):
+            # The graph would replay whatever it was captured with: say so before it does.
+            raise ValueError(f"the cache holds {self.cache.num_sequences} sequences but the step's tokens have "
+                             f"shape {list(tokens.shape)}")
         tokens = tokens[:, None]
         if not tokens.is_cuda:
             return self.forward(tokens)

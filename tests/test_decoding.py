@@ -136,6 +136,8 @@ def test_captured_decode_step_equals_the_eager_forward(name):
             want = model(step[:, None], cache=caches[1])[:, 0]
             torch.testing.assert_close(decode(step), want, atol=1e-4, rtol=1e-4)
     assert decode.graph is not None
+    with pytest.raises(ValueError, match="the cache holds 2 sequences but the step's tokens have shape \\[3\\]"):
+        decode(step.new_zeros(3))
     torch.testing.assert_close(caches[0].lengths, caches[1].lengths, atol=0, rtol=0)
     for captured, eager in zip(caches[0].layers, caches[1].layers):
         torch.testing.assert_close(captured.state, eager.state, atol=1e-4, rtol=1e-4)
@@ -167,7 +169,7 @@ def test_rows_continue_the_cache_in_chunks():
 
 @pytest.mark.usefixtures("single_process")
 def test_cache_misuse_is_refused():
-    from prism_megatron.decoding import DecodeCache
+    from prism_megatron.decoding import DecodeCache, DecodeStep
 
     model = _model(MODELS["none-tied"])
     cache = DecodeCache.for_model(model, 2)
@@ -180,6 +182,8 @@ def test_cache_misuse_is_refused():
         model(tokens, cache=cache)
         with pytest.raises(ValueError, match="fresh cache"):
             model(tokens.reshape(1, 6), cu_seqlens=torch.tensor([0, 3, 6]), cache=cache)
+        with pytest.raises(ValueError, match="holds 2 sequences but the step's tokens have shape \\[3\\]"):
+            DecodeStep(model, cache)(torch.zeros(3, dtype=torch.long))
 
 
 def _tensor_parallel_worker(overrides: dict):
