@@ -6,7 +6,7 @@
 #
 #   bash benchmarks/model_step_gpu.sh OUT_DIR PART...
 #
-#   main     fla's GatedDeltaNetForCausalLM, PRISM L=3 and `solver: none`: the headline ratios
+#   main     fla's GatedDeltaNetForCausalLM, PRISM L=3 and L=2 and `solver: none`: the headline ratios
 #   profile  PRISM L=3, `solver: none` and fla's GatedDeltaNetForCausalLM in one run, with --profile
 #            (phases, top kernels, operators by shape, the optimizer step's host time)
 #   matrix   fla's model, then L=3, L=1 and none in each recompute mode, then L=3 with fused_ops off
@@ -50,7 +50,7 @@ step() {  # model_step.py with the common arguments
 status=0
 for part in "$@"; do
     case "$part" in
-    main) step --timeout 300 --variants fla-gdn prism-L3 solver-none ;;
+    main) step --timeout 300 --variants fla-gdn prism-L3 prism-L2 solver-none ;;
     profile) step --profile --timeout 300 --variants prism-L3 solver-none fla-gdn ;;
     matrix) step --timeout 120 --variants fla-gdn prism-L3 prism-L3-selective prism-L3-full prism-L1 \
                 prism-L1-selective prism-L1-full solver-none solver-none-selective solver-none-full \
