@@ -27,6 +27,7 @@ from __future__ import annotations
 import atexit
 import json
 import logging
+import math
 import os
 import socket
 import threading
@@ -232,8 +233,15 @@ class RunLock:
             if self._gone(claimant, time.time()) is None:
                 # A live claimant finishes in moments: wait for that, leaving the claims alone
                 # (they are what keeps the other runs out), then judge whatever holds the lock.
+                said_so = time.monotonic() + 1.0
                 while (still := self._read(claim)) is not None and still.inode == claimant.inode \
                         and self._gone(still, time.time()) is None:
+                    if time.monotonic() > said_so:
+                        said_so = math.inf
+                        log.warning(f"prism-train: checkpoint.dir {self.folder}: another run "
+                                    f"({claimant.describe(time.time())}) is taking over the lock of a run that is "
+                                    f"gone ({claim}): waiting for it to finish, or up to "
+                                    f"training.fault_timeout={self.stale_after:g} s")
                     time.sleep(min(0.1, self.stale_after / 4))
                 return False
             claims.append(claim)

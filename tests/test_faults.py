@@ -315,7 +315,7 @@ def test_runs_taking_over_one_stale_lock_at_once_leave_exactly_one_holder(tmp_pa
 
 
 
-def test_a_takeover_left_half_done_is_finished_and_one_under_way_is_waited_for(tmp_path):
+def test_a_takeover_left_half_done_is_finished_and_one_under_way_is_waited_for(tmp_path, caplog):
     # A run that claimed the stale lock and died before replacing it.
     stale_lock(tmp_path)
     claim = tmp_path / f"{LOCK_FILE}.next.old"
@@ -336,9 +336,11 @@ def test_a_takeover_left_half_done_is_finished_and_one_under_way_is_waited_for(t
         os.rename(tmp_path / "new", tmp_path / LOCK_FILE)
         claim.unlink()
 
-    threading.Timer(0.5, finish_taking_over).start()
+    threading.Timer(1.5, finish_taking_over).start()
     with pytest.raises(RunLockError, match="in use by another run \\(host elsewhere, pid 2"):
         RunLock(tmp_path, stale_after=30).acquire()
+    assert "another run (host elsewhere, pid 2, Slurm job 77" in caplog.text
+    assert f"is taking over the lock of a run that is gone ({claim}): waiting" in caplog.text
     assert [path.name for path in tmp_path.iterdir()] == [LOCK_FILE]
 
 # ----------------------------------------------------------------------------------------------
