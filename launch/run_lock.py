@@ -93,13 +93,13 @@ class RunLock:
             if self._create(self.path):
                 break
             holder = self._read()
-            if holder is None:  # released or moved aside since: try again
+            if holder is None:  # released since: try again
                 continue
             why = self._gone(holder, time.time())
             waited = ""
             if why is None and self._predecessor(holder):
                 holder, why = self._wait(holder, deadline, patience)
-                if holder is None:  # released or moved aside while we waited: try again
+                if holder is None:  # released or replaced while we waited: try again
                     continue
                 waited = f"; still alive after {patience:.0f} s of waiting for this job's previous run to end"
             now = time.time()
