@@ -64,12 +64,19 @@ def test_matches_reference_bfloat16_gpu(B, T, C, W, cu_seqlens, strided, silu_ch
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["reference", "triton"])
-def test_halo_continues_the_rows(fused):
+@pytest.mark.parametrize("split", [7, 10], ids=["tail-longer-than-halo", "tail-shorter-than-halo"])
+def test_halo_continues_the_rows(fused, split):
     """A row's tail after its halo (the W-1 inputs before it) gives the tail of the whole row's output,
-    as the previous context-parallel rank's inputs (or a decoding cache) continue a sequence; a
-    document that starts in the tail (row 0, token 9) does not see the halo."""
-    W, split = 4, 7
+    and the same gradients of the inputs and weights, as the previous context-parallel rank's inputs (or
+    a decoding cache) continue a sequence; a document that starts in the tail (row 0, token 9) does not
+    see the halo."""
+    W = 4
     x, weight, position = _inputs(2, 12, 5, W, torch.tensor([0, 9, 12, 24]), torch.float64, "cpu", True)
-    whole = short_conv(fused, x, weight, position, 3)
+    x, weight = x.detach().requires_grad_(), weight.detach().requires_grad_()
+    probe = torch.randn(2, 12 - split, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    whole = short_conv(fused, x, weight, position, 3)[:, split:]
+    expected = (whole, *torch.autograd.grad((whole * probe).sum(), (x, weight)))
     tail = short_conv(fused, x[:, split:], weight, position[:, split:], 3, halo=x[:, split - W + 1:split])
-    torch.testing.assert_close(tail, whole[:, split:], atol=1e-12, rtol=1e-12)
+    got = (tail, *torch.autograd.grad((tail * probe).sum(), (x, weight)))
+    for name, a, b in zip(("y", "dx", "dweight"), got, expected):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12, msg=name)
