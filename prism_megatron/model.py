@@ -142,7 +142,14 @@ class PrismLM(nn.Module):
                 x = layer(x, sequences)
         head_weight = self.embedding.weight if self.cfg.tie_embeddings else self.lm_head.weight
         if labels is None:
-            kept = x[:, -logits_to_keep:] if isinstance(logits_to_keep, int) else x[:, logits_to_keep]
+            if every_position:
+                kept = x
+            elif isinstance(logits_to_keep, int):
+                # A copy of the last positions, not a view: a view's strides and offset follow T, and the
+                # compiled rms_norm would be compiled again for prompt lengths until torch.compile gave up.
+                kept = x[:, -logits_to_keep:].clone(memory_format=torch.contiguous_format)
+            else:
+                kept = x[:, logits_to_keep]
             return self._mask_vocab_padding(self.lm_head(self.final_norm(kept), head_weight))
         x = self.final_norm(x)
         x = self.lm_head.parallel_input(x)
