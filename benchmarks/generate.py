@@ -160,6 +160,30 @@ def profile_decode(model, steps: int = 8) -> dict:
                 top_host_ops=[(e.key, e.count // steps, round(e.self_cpu_time_total / 1e3 / steps, 3)) for e in top])
 
 
+def profile_prefill(model, tokens: int = 32768, top: int = 12) -> dict:
+    """One prefill forward of `tokens` tokens at batch 1 (continuing a fresh cache) and one forward of the
+    same tokens without a cache, each under the torch profiler: their kernels' CUDA time and the kernels
+    taking the most, for where a prefill differs from the training kernel's forward."""
+    prompt = torch.randint(0, model.vocab_size, (1, tokens), device="cuda")
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+
+    def prefill():
+        model.start(1)
+        model.forward(prompt)
+
+    kernels = {}
+    with torch.no_grad():
+        for name, run in (("prefill", prefill), ("forward", lambda: model.forward_uncached(prompt))):
+            run()  # compiles, autotunes
+            with torch.profiler.profile(activities=activities) as prof:
+                timed(run)
+            events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+            events.sort(key=lambda e: e.self_device_time_total, reverse=True)
+            kernels[name] = dict(ms=sum(e.self_device_time_total for e in events) / 1e3,
+                                 top=[(e.key[:80], e.count, round(e.self_device_time_total / 1e3, 3)) for e in events[:top]])
+    return dict(model=f"{model.name} prefill profile", tokens=tokens, kernels=kernels)
+
+
 def fla_generate(model: FlaModel, batch: int, prompt: int, new_tokens: int) -> dict:
     """fla's model through transformers' generate(): greedy, exactly new_tokens tokens."""
     tokens = torch.randint(0, model.vocab_size, (batch, prompt), device="cuda")
@@ -173,7 +197,12 @@ def fla_generate(model: FlaModel, batch: int, prompt: int, new_tokens: int) -> d
 
 
 def report(row: dict, out: Path | None) -> None:
-    if "top_host_ops" in row:
+    if "kernels" in row:
+        for name, part in row["kernels"].items():
+            print(f"{row['model']:>20} | batch 1 | {row['tokens']} tokens | {name}: kernels {part['ms']:.1f} ms | "
+                  "most CUDA time (kernel, calls, ms): " + "; ".join(f"{k} {n} {ms}" for k, n, ms in part["top"]),
+                  flush=True)
+    elif "top_host_ops" in row:
         print(f"{row['model']:>20} | batch 1 | {row['wall_ms_per_token']:.2f} ms a token, of which kernels "
               f"{row['kernel_ms_per_token']:.2f} ms | {row['launches_per_token']:.0f} kernel launches a token | "
               "most host time a token (op, calls, ms): " + "; ".join(f"{k} {n} {ms}" for k, n, ms in row["top_host_ops"]),
@@ -202,7 +231,8 @@ def main() -> None:
     parser.add_argument("--prefill-tokens", type=int, default=65536, help="the most tokens in one prefill forward")
     parser.add_argument("--json", type=Path, help="append one JSON line per row here")
     parser.add_argument("--profile", action="store_true",
-                        help="only profile each model's decode step at batch 1 (host time, launches, kernels)")
+                        help="only profile each model's decode step at batch 1 (host time, launches, kernels) "
+                             "and its prefill against its forward without a cache (kernels)")
     args = parser.parse_args()
     if "fla-gdn" in args.models and args.config.name not in FLA_SHAPES:
         parser.error(f"fla's model has no shape for {args.config.name}: add one to benchmarks/model_step.py's FLA_SHAPES")
@@ -214,6 +244,7 @@ def main() -> None:
         model = kind(args.config, args.set)
         if args.profile:
             report(profile_decode(model), args.json)
+            report(profile_prefill(model), args.json)
             del model
             continue
         for batch in args.batches:

@@ -8,7 +8,8 @@
 #
 #   tests    the GPU tests of decoding and of the transformers model (tests/test_prism_decode.py,
 #            tests/test_decoding.py, tests/test_hf.py)
-#   profile  benchmarks/generate.py --profile: each model's decode step at batch 1 under the profiler
+#   profile  benchmarks/generate.py --profile: each model's decode step at batch 1, and its prefill of 32K
+#            tokens against its forward of them without a cache, under the profiler
 #   prism    benchmarks/generate.py --models prism (about 2 minutes)
 #   fla      benchmarks/generate.py --models fla-gdn (over 5 minutes on a fresh machine: its kernels
 #            compile and autotune for each new prefill shape)
