@@ -201,6 +201,27 @@ def _tensor_parallel_worker(overrides: dict):
         torch.testing.assert_close(g, w, atol=1e-10, rtol=1e-10)
 
 
+@pytest.mark.usefixtures("single_process")
+def test_prompts_of_many_lengths_keep_the_fused_ops_compiled():
+    """Prompts of many lengths at batch 1 and 3, each followed by decoding, then forwards without a cache,
+    all with the fused ops (torch.compile): no compiled function reaches torch.compile's recompile limit,
+    past which it runs eagerly for every new shape. The final norm once took a view of the last positions,
+    whose strides and offset follow the prompt's length, and was compiled again for each."""
+    from prism_megatron.decoding import DecodeCache
+
+    torch._dynamo.reset()  # earlier tests' compilations count against the same limit
+    model = _model(dict(MODELS["prism-L3"], fused_ops="on")).float()
+    gen = torch.Generator().manual_seed(0)
+    tokens = lambda batch, length: torch.randint(0, SMALL["vocab_size"], (batch, length), generator=gen)  # noqa: E731
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True), torch.no_grad():
+        for batch in (1, 3):
+            for length in (6, 11, 3, 16, 9):
+                cache = DecodeCache.for_model(model, batch)
+                model(tokens(batch, length), cache=cache, logits_to_keep=1)
+                model(tokens(batch, 1), cache=cache, logits_to_keep=1)
+                model(tokens(batch, length), logits_to_keep=1)
+
+
 @pytest.mark.parametrize("name", ["prism-L3", "split-L2"])
 def test_tensor_parallel_decoding_equals_tp1(name):
     """At TP=2 each rank decodes its heads; the gathered logits equal TP=1's."""
