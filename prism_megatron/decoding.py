@@ -51,7 +51,7 @@ class CachedSequences(WholeSequences):
         # halo handed out is the joined copy's.
         kept = self.memory.conv_inputs
         if self.packed is None:
-            joined = torch.cat([kept, x[:, -size:]], dim=1)  # the last inputs only: x may be a whole prompt's
+            joined = torch.cat([kept, x[:, max(x.shape[1] - size, 0):]], dim=1)  # x's last inputs: it may be a prompt
             kept.copy_(joined[:, joined.shape[1] - size:])
             return joined[:, :size]
         # A fresh cache: nothing comes before the documents; keep each one's last inputs.
