@@ -11,7 +11,7 @@ engine (bf16, ZeRO-1, our AdamW instance), batches of --batch tokens (4 x 4096) 
 library sources, one document per file). fla's model runs at the width and depth of the preset in its
 own head layout (FLA_SHAPES; its default config for the 1.3B preset) with its defaults (bf16 autocast
 over float32 weights, fused AdamW), on the same batches' tokens. Prints per variant
-tokens/s over the timed steps (after --warmup steps that compile), MFU against the device's dense bf16
+tokens/s over the timed steps (after --warmup steps that compile; each step's time is also printed), MFU against the device's dense bf16
 peak (prism_megatron.flops: 989 TFLOP/s on an H100 or H200 SXM, or PRISM_PEAK_FLOPS) from
 prism_megatron.flops' exact FLOP count and from 6N FLOPs a token (N: the parameters without the input
 embedding; fla's model has 6N only), and peak memory; with --profile the time of one step's forward,
@@ -132,12 +132,17 @@ def measure(phases, flops_per_token: dict[str, float], tokens_per_step: int, war
         step()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    started = time.perf_counter()
+    # Each step timed to its end: a step that compiles or waits on the host shows as an outlier
+    # against the others, where a mean over the steps would hide it.
+    step_seconds = []
     for _ in range(steps):
+        started = time.perf_counter()
         step()
-    torch.cuda.synchronize()
-    tokens_per_sec = steps * tokens_per_step / (time.perf_counter() - started)
-    result = dict(tokens_per_sec=tokens_per_sec, peak_memory_gb=torch.cuda.max_memory_allocated() / 1e9)
+        torch.cuda.synchronize()
+        step_seconds.append(round(time.perf_counter() - started, 4))
+    tokens_per_sec = steps * tokens_per_step / sum(step_seconds)
+    result = dict(tokens_per_sec=tokens_per_sec, step_seconds=step_seconds,
+                  peak_memory_gb=torch.cuda.max_memory_allocated() / 1e9)
     peak = peak_flops()
     if peak is not None:
         result.update({f"mfu_{name}": mfu(count, tokens_per_sec, 1, peak) for name, count in flops_per_token.items()})
@@ -233,6 +238,7 @@ def report(result: dict, profile: bool) -> None:
     print(f"{name}: {result['tokens_per_sec']:,.0f} tokens/s | {mfus or 'no MFU (peak FLOP/s unknown)'} | "
           f"peak {result['peak_memory_gb']:.1f} GB | N {result['parameters'] / 1e9:.2f}B | "
           f"{result['wall_s']} s", flush=True)
+    print(f"  steps (s): {result['step_seconds']}", flush=True)
     if profile:
         print(f"  phases (s): {result['phase_seconds']} | profiled step {result['profiled_wall_s']} s, "
               f"CUDA kernels {result['cuda_kernel_s']} s in {result['kernel_launches']} launches", flush=True)
@@ -273,6 +279,7 @@ def main() -> None:
                    "--batch", *map(str, args.batch), "--warmup", str(args.warmup), "--steps", str(args.steps)] + ["--profile"] * args.profile
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
+            sys.stderr.write(done.stderr)  # the variant's warnings (TORCH_LOGS=recompiles, for one) in the log
             lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
             result = (json.loads(lines[-1][len("RESULT "):]) if lines else
                       dict(variant=name, error=f"exit {done.returncode}: {(done.stdout + done.stderr)[-3000:]}"))

@@ -13,7 +13,7 @@
 #            (last: a call cut short at the device's time limit loses the least), one run
 #   2.7b     the 2.7B preset on one GPU (TP=1, no SP) with selective and with full recomputation
 #   125m     the 125M preset at its micro batch (8 x 2048): fla's model of the same width and depth,
-#            `solver: none`, PRISM L=2 and L=3, with --profile
+#            `solver: none`, PRISM L=2 and L=3, with --profile, 12 timed steps (each one's time printed)
 #
 # On a fresh H200 fla's model compiles and autotunes for about 3 minutes; TRITON_CACHE_DIR (default:
 # .triton_cache in the checkout) keeps that for later calls on the same warm machine. Each call also
@@ -31,6 +31,8 @@ done
 out=$(mkdir -p "$out" && cd "$out" && pwd)
 source "$(dirname "$0")/gpu_env.sh"
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$root/.triton_cache} TRITON_CACHE_AUTOTUNING=1
+# A step that recompiles shows in the part's log beside the steps' times.
+export TORCH_LOGS=${TORCH_LOGS:-recompiles}
 if [ -f "$root/runs/autotune.tgz" ]; then
     mkdir -p "$TRITON_CACHE_DIR" && tar xzf "$root/runs/autotune.tgz" -C "$TRITON_CACHE_DIR" --skip-old-files || exit 1
 fi
@@ -57,7 +59,7 @@ for part in "$@"; do
                 prism-L3-reference ;;
     2.7b) step --timeout 200 --config launch/configs/2.7b.yaml --set parallel.tensor_model_parallel_size=1 \
               --set parallel.sequence_parallel=false --variants prism-L3-selective prism-L3-full ;;
-    125m) step --profile --timeout 200 --config launch/configs/125m.yaml --batch 8 2048 \
+    125m) step --profile --timeout 200 --steps 12 --config launch/configs/125m.yaml --batch 8 2048 \
               --variants fla-gdn solver-none prism-L2 prism-L3 ;;
     esac > "$out/$part.log" 2>&1 || status=1
     grep "tokens/s\|FAILED" "$out/$part.log"
