@@ -25,7 +25,8 @@ from prism_megatron.config import ModelConfig, ParallelConfig
 from prism_megatron.context_parallel import ContextSlice
 from prism_megatron.kernels.fused.linear_cross_entropy import linear_cross_entropy
 from prism_megatron.kernels.prism import PackedSequences
-from prism_megatron.layers import ColumnParallelLinear, RMSNorm, SwiGLUMLP, megatron_config_for, no_megatron_init
+from prism_megatron.layers import (ColumnParallelLinear, RMSNorm, SwiGLUMLP, megatron_config_for, no_megatron_init,
+                                   use_fused)
 from prism_megatron.mixer import PrismMixer
 from prism_megatron.process_groups import cp_size, tp_group, tp_rank, tp_size
 from prism_megatron.sequence_parallel import scatter_sequence
@@ -155,7 +156,7 @@ class PrismLM(nn.Module):
         x = self.lm_head.parallel_input(x)
         # Under CP the mean over this rank's equal slice: the mean over CP ranks is the samples' mean.
         return linear_cross_entropy(x.flatten(0, 1), head_weight, labels.flatten(), self.cfg.vocab_size,
-                                    tp_group(), tp_rank(), tp_size()).mean()
+                                    tp_group(), tp_rank(), tp_size(), fused=use_fused(self.cfg.fused_ops, x)).mean()
 
     def _check_decoding(self, labels: torch.Tensor | None) -> None:
         """What a forward with a decoding cache needs."""

@@ -33,29 +33,31 @@ def _loss_and_grads(fn, x, weight, labels, vocab_size, **kwargs):
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
-@pytest.mark.parametrize("chunk_tokens", [None, 7, 1])
-def test_matches_logits_path(dtype, tol, chunk_tokens):
-    """One chunk, uneven chunks and one token a chunk; 40 of 48 vocabulary rows real (padding)."""
+@pytest.mark.parametrize("chunk_tokens, fused", [(None, False), (7, False), (1, False), (7, True)])
+def test_matches_logits_path(dtype, tol, chunk_tokens, fused):
+    """One chunk, uneven chunks and one token a chunk; 40 of 48 vocabulary rows real (padding); the
+    passes over the logits eager and compiled (torch.compile's CPU backend)."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(30, 16, generator=gen, dtype=dtype)
     weight = torch.randn(48, 16, generator=gen, dtype=dtype)
     labels = torch.randint(0, 40, (30,), generator=gen)
     ref = _loss_and_grads(_reference, x, weight, labels, 40)
-    got = _loss_and_grads(linear_cross_entropy, x, weight, labels, 40, chunk_tokens=chunk_tokens)
+    got = _loss_and_grads(linear_cross_entropy, x, weight, labels, 40, chunk_tokens=chunk_tokens, fused=fused)
     for name, a, b in zip(("loss", "dx", "dweight"), got, ref):
         assert a.dtype == b.dtype, name
         torch.testing.assert_close(a, b, atol=tol, rtol=tol, msg=name)
     assert torch.all(got[2][40:] == 0)
 
 
-def test_bfloat16_within_rounding():
+@pytest.mark.parametrize("fused", [False, True])
+def test_bfloat16_within_rounding(fused):
     """bf16 inputs: the GEMMs in bf16 and the softmax in float32, as the logits path does."""
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(20, 32, generator=gen).bfloat16()
     weight = (0.1 * torch.randn(64, 32, generator=gen)).bfloat16()
     labels = torch.randint(0, 64, (20,), generator=gen)
     ref = _loss_and_grads(_reference, x, weight, labels, 64)
-    got = _loss_and_grads(linear_cross_entropy, x, weight, labels, 64, chunk_tokens=8)
+    got = _loss_and_grads(linear_cross_entropy, x, weight, labels, 64, chunk_tokens=8, fused=fused)
     assert got[0].dtype == torch.float32 and got[1].dtype == got[2].dtype == torch.bfloat16
     torch.testing.assert_close(got[0], ref[0], atol=1e-5, rtol=1e-5)
     for a, b in zip(got[1:], ref[1:]):
