@@ -8,7 +8,8 @@ A product of an [m, k] and a [k, n] matrix counts 2mkn. Counted: every weight pr
 weight a token forward, 4 backward), and the PRISM recurrence as the Triton chunk kernels compute it
 (kernels/prism/), forward and backward. Not counted, as MFU leaves them out: products the backward
 forms again (reported as `recurrence_recomputed`), activation recomputation, the LM head's logits
-that the fused cross-entropy recomputes in its backward, vocabulary padding, context parallelism's
+that the fused cross-entropy recomputes in its backward, vocabulary padding, the zero rows that align
+a column-parallel linear's width (layers.ALIGN_COLUMNS), context parallelism's
 second pass of the recurrence; and elementwise work (norms, activations, decays, the solver's
 residual chain: under 1% of the total). Document resets are ignored: every sequence is taken to be
 seq_length tokens long.
@@ -23,8 +24,8 @@ import torch
 from prism_megatron.config import ModelConfig
 from prism_megatron.kernels.prism.launch_config import CHUNK
 from prism_megatron.kernels.prism.solve import SUB
+from prism_megatron.layers import ALIGN_COLUMNS
 from prism_megatron.mixer import InProjLayout
-from prism_megatron.solver import ALIGN_COLUMNS
 
 # Dense bf16 tensor-core FLOP/s of the GPUs this project runs on, by torch.cuda.get_device_name: SXM
 # boards (an H200 NVL reports "NVIDIA H200" too, and peaks lower). Other devices: PRISM_PEAK_FLOPS, or no MFU.

@@ -25,6 +25,11 @@ from prism_megatron.sharding import (
 )
 
 
+# GEMM outputs are formed in rows of a multiple of this many columns: rows of 16 bytes in bf16, which
+# cuBLAS's fast kernels need (an odd width, e.g. in_proj's with 6 heads' decay logits, gets slow ones).
+ALIGN_COLUMNS = 8
+
+
 def megatron_config_for(tp: int, dtype: torch.dtype = torch.float32) -> ModelParallelConfig:
     """The config megatron-core's TP layers read. Its sequence_parallel stays off: our own SP
     functions (sequence_parallel.py) wrap the layers instead, since megatron's need CUDA (see there).
@@ -52,7 +57,9 @@ class ColumnParallelLinear(tensor_parallel.ColumnParallelLinear):
     Under sequence parallelism the input arrives split along the sequence: it is all-gathered
     here, and the backward of that gather already sums the input gradient over TP, so megatron's
     own all-reduce of it is disabled (`disable_grad_reduce`). `segments` are the global sizes of
-    fused outputs, each split over TP, so a rank's output holds its part of every one.
+    fused outputs, each split over TP, so a rank's output holds its part of every one. A rank's
+    output width that is not a multiple of ALIGN_COLUMNS is formed by a GEMM with zero rows added
+    to the weight, and the added columns dropped.
     """
 
     def __init__(self, input_size: int, output_size: int, *, megatron_config: ModelParallelConfig,
@@ -71,6 +78,11 @@ class ColumnParallelLinear(tensor_parallel.ColumnParallelLinear):
             set_init(self.weight, init)
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        weight = self.weight if weight is None else weight
+        pad = -weight.shape[0] % ALIGN_COLUMNS
+        if pad:
+            padded = F.linear(self.parallel_input(x), F.pad(weight, (0, 0, 0, pad)))
+            return padded.narrow(-1, 0, weight.shape[0])
         if self.sequence_parallel_input:
             x = gather_sequence(x)
         return super().forward(x, weight)[0]

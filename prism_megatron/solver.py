@@ -27,11 +27,8 @@ from torch import nn
 
 from prism_megatron.config import ModelConfig
 from prism_megatron.kernels.solver import prism_outputs, prism_steps, split_outputs
+from prism_megatron.layers import ALIGN_COLUMNS
 from prism_megatron.sharding import constant_init, normal_init, sharded_parameter
-
-# The projection's width is padded to a multiple of this many columns: rows of 16 bytes in bf16, which
-# the GEMM's fast kernels need (an odd width, e.g. L strength logits after the maps, gets slow ones).
-ALIGN_COLUMNS = 8
 
 
 class HeadwiseLinear(torch.autograd.Function):

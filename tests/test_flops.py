@@ -14,6 +14,8 @@ from prism_megatron import flops, token_layout
 from prism_megatron.config import ModelConfig, ParallelConfig
 from prism_megatron.kernels.prism.chunk import chunk_prism_recurrence
 from prism_megatron.kernels.prism.chunk_torch import chunk_prism_recurrence_torch
+from prism_megatron.layers import ALIGN_COLUMNS
+from prism_megatron.mixer import InProjLayout
 from prism_megatron.model import PrismLM
 
 C = 64  # the Triton kernels' chunk
@@ -56,7 +58,7 @@ def elementwise_recurrence(q, k, d, kx, beta, g, scale, cu_seqlens, backend):
 def test_weight_products_cost_six_flops_per_weight(single_process, monkeypatch, name):
     """With the recurrence replaced by elementwise work, torch counts a forward and backward of the model
     at exactly gemm a token plus the LM head's logits, which the fused cross-entropy forms again in its
-    backward; and the parameters give N of 6N."""
+    backward, and the zero rows that align in_proj's width; and the parameters give N of 6N."""
     cfg = CONFIGS[name]
     model = PrismLM(cfg, ParallelConfig())
     monkeypatch.setattr(token_layout, "prism_recurrence", elementwise_recurrence)
@@ -65,7 +67,9 @@ def test_weight_products_cost_six_flops_per_weight(single_process, monkeypatch, 
         model(tokens, tokens).backward()
     counted = flops.step_flops(cfg, 40)
     recomputed_logits = 2 * cfg.hidden_size * cfg.vocab_size
-    assert counter.get_total_flops() == tokens.numel() * (counted.gemm + recomputed_logits + counted.solver_extra)
+    in_proj_padding = 6 * cfg.num_layers * cfg.hidden_size * (-sum(InProjLayout.for_config(cfg).sizes) % ALIGN_COLUMNS)
+    assert counter.get_total_flops() == tokens.numel() * (counted.gemm + recomputed_logits + counted.solver_extra
+                                                          + in_proj_padding)
 
     embedding = 0 if cfg.tie_embeddings else model.embedding.weight.numel()
     assert counted.six_n == 6 * (model.num_parameters() - embedding)

@@ -1,6 +1,7 @@
-"""The model's building blocks that change how autograd keeps activations: LinearOfRecomputed (the
-MLP's SwiGLU and the mixer's gated output norm, recomputed in the backward) against plain autograd
-through the same functions, in float64."""
+"""The model's building blocks that change how autograd keeps activations or how a GEMM is formed:
+LinearOfRecomputed (the MLP's SwiGLU and the mixer's gated output norm, recomputed in the backward)
+against plain autograd through the same functions, in float64, and ColumnParallelLinear at widths
+that are not a multiple of ALIGN_COLUMNS against F.linear."""
 from __future__ import annotations
 
 import functools
@@ -10,7 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from prism_megatron.kernels.fused.fusable import Fusable
-from prism_megatron.layers import LinearOfRecomputed, gated_rms_norm, rms_norm, swiglu
+from prism_megatron.layers import (ALIGN_COLUMNS, ColumnParallelLinear, LinearOfRecomputed, gated_rms_norm,
+                                   megatron_config_for, rms_norm, swiglu)
+from prism_megatron.sharding import normal_init
 
 
 def _grads(outputs, inputs, seed):
@@ -79,3 +82,24 @@ def test_fused_ops_take_a_misaligned_parameter_after_an_aligned_one_gpu():
     for weight in (aligned, misaligned):
         torch.testing.assert_close(rms_norm(True, x, weight, 1e-6), rms_norm(False, x, weight, 1e-6))
     torch.cuda.synchronize()
+
+
+@pytest.mark.usefixtures("single_process")
+@pytest.mark.parametrize("width", [262, 264])
+def test_column_parallel_linear_forms_aligned_rows(width):
+    """An unaligned width (in_proj's with 6 heads' gates) is formed in rows of a multiple of
+    ALIGN_COLUMNS, the fast GEMMs' layout; output and gradients are F.linear's, in float64."""
+    layer = ColumnParallelLinear(16, width, megatron_config=megatron_config_for(1, torch.float64),
+                                 init=normal_init(1.0), sequence_parallel=False)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(layer.weight.shape, generator=gen, dtype=torch.float64))
+    x = torch.randn(3, 5, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    assert y.stride(-2) % ALIGN_COLUMNS == 0
+    x_ref, w_ref = x.detach().clone().requires_grad_(), layer.weight.detach().clone().requires_grad_()
+    y_ref = F.linear(x_ref, w_ref)
+    torch.testing.assert_close(y, y_ref, atol=1e-12, rtol=1e-12)
+    got, ref = _grads(y, [x, layer.weight], 1), _grads(y_ref, [x_ref, w_ref], 1)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
