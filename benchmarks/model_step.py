@@ -80,8 +80,9 @@ def batches(store: Path, steps: int, shape: tuple[int, int]):
 def profile_step(phases) -> dict:
     """One step, phase by phase (synchronised between phases), then one step under the profiler:
     seconds per phase, the CUDA time in kernels against the step's wall time (a GPU that waits on
-    the host shows kernel time well under wall time), the top kernels, and the top operators by
-    their input shapes (which say where a copy or an elementwise kernel comes from)."""
+    the host shows kernel time well under wall time), the top kernels, the operators that take the
+    most host time, and the top operators by their input shapes (which say where a copy or an
+    elementwise kernel comes from)."""
     times = {}
     for name, run in phases:
         torch.cuda.synchronize()
@@ -113,6 +114,7 @@ def profile_step(phases) -> dict:
                 step_operators=step_prof.key_averages().table(sort_by="cpu_time_total", row_limit=20,
                                                               max_name_column_width=50),
                 kernels=events.table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=90),
+                host_operators=events.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=90),
                 operators=prof.key_averages(group_by_input_shape=True).table(
                     sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=40,
                     max_shapes_column_width=70))
@@ -243,6 +245,7 @@ def report(result: dict, profile: bool) -> None:
         print(f"  phases (s): {result['phase_seconds']} | profiled step {result['profiled_wall_s']} s, "
               f"CUDA kernels {result['cuda_kernel_s']} s in {result['kernel_launches']} launches", flush=True)
         print(result["kernels"], flush=True)
+        print(result["host_operators"], flush=True)
         print(result["operators"], flush=True)
         print(result["step_operators"], flush=True)
 
