@@ -4,20 +4,20 @@
         [--config launch/configs/1.3b.yaml] [--set KEY=VALUE ...] [--variants NAME ...] [--batch 4 4096]
 
 Each PRISM variant (the preset of --config, 1.3B by default, with --set's overrides and then the
-variant's: a model, PRISM L=3, L=2 or L=1, `solver: none` or L=3 with fused_ops off, in a recompute mode,
-e.g. prism-L1-selective, unsuffixed for none) runs as prism-train runs it: PrismLM under a DeepSpeed
-engine (bf16, ZeRO-1, our AdamW instance), batches of --batch tokens (4 x 4096) from the real loader
-(DistributedBatchLoader with cu_seqlens) on a token store made by prism-prep (--build-store: from this machine's Python standard
-library sources, one document per file). fla's model runs at the width and depth of the preset in its
-own head layout (FLA_SHAPES; its default config for the 1.3B preset) with its defaults (bf16 autocast
-over float32 weights, fused AdamW), on the same batches' tokens. Prints per variant
-tokens/s over the timed steps (after --warmup steps that compile; each step's time is also printed), MFU against the device's dense bf16
-peak (prism_megatron.flops: 989 TFLOP/s on an H100 or H200 SXM, or PRISM_PEAK_FLOPS) from
-prism_megatron.flops' exact FLOP count and from 6N FLOPs a token (N: the parameters without the input
-embedding; fla's model has 6N only), and peak memory; with --profile the time of one step's forward,
-backward and optimizer step, and its top CUDA kernels and operators. Each variant runs in a process of
-its own (one after another), so that its peak memory is its own and one variant's failure loses no
-other's. Results also go to --json.
+variant's: a model, PRISM L=3, L=2 or L=1, `solver: none` or L=3 with fused_ops off, in a recompute
+mode, e.g. prism-L1-selective, unsuffixed for none) runs as prism-train runs it: PrismLM under a
+DeepSpeed engine (bf16, ZeRO-1, our AdamW instance), batches of --batch tokens (4 x 4096) from the real
+loader (DistributedBatchLoader with cu_seqlens) on a token store made by prism-prep (--build-store: from
+this machine's Python standard library sources, one document per file). fla's model runs at the width
+and depth of the preset in its own head layout (FLA_SHAPES; its default config for the 1.3B preset) with
+its defaults (bf16 autocast over float32 weights, fused AdamW), on the same batches' tokens. Prints per
+variant tokens/s over the timed steps (after --warmup steps that compile; each step's time is also
+printed), MFU against the device's dense bf16 peak (prism_megatron.flops: 989 TFLOP/s on an H100 or H200
+SXM, or PRISM_PEAK_FLOPS) from prism_megatron.flops' exact FLOP count and from 6N FLOPs a token (N: the
+parameters without the input embedding; fla's model has 6N only), and peak memory; with --profile the
+time of one step's forward, backward and optimizer step, and its top CUDA kernels and operators (by
+device and by host time). Each variant runs in a process of its own (one after another), so that its
+peak memory is its own and one variant's failure loses no other's. Results also go to --json.
 """
 from __future__ import annotations
 
