@@ -8,6 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 GUARD = ROOT / "benchmarks" / "training_curve.py"
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -22,14 +25,21 @@ def guard(*args: str) -> subprocess.CompletedProcess:
 def test_the_cpu_curves_match_the_golden_file():
     result = guard("check", "--device", "cpu")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "prism, split, none: every step within rel 1e-06 of" in result.stdout
+    assert ("prism, split, none: every step within its relative tolerance (loss 1e-06, grad_norm 1e-06, "
+            "val_loss 1e-06) of") in result.stdout
+
+
+@pytest.mark.gpu
+def test_the_gpu_curves_match_the_golden_file():
+    result = guard("check", "--device", "gpu")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
 def test_what_cannot_be_checked_is_one_line():
-    result = guard("check", "--device", "gpu")
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert result.stderr.strip() == ("training_curve: error: no gpu tolerance yet: measure the rounding spread "
-                                     "first (docs/QUALITY.md section 10, benchmarks/rounding_gpu.sh)")
+    if not torch.cuda.is_available():
+        result = guard("check", "--device", "gpu")
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert result.stderr.strip() == "training_curve: error: --device gpu: no CUDA device here (use --device cpu)"
     result = guard("update", "--device", "cpu", "--set", "training.micro_batch_size=2")
     assert result.returncode == 2 and "--set applies to run only" in result.stderr.splitlines()[-1]
 
