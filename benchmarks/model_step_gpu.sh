@@ -14,6 +14,8 @@
 #   2.7b     the 2.7B preset on one GPU (TP=1, no SP) with selective and with full recomputation
 #   125m     the 125M preset at its micro batch (8 x 2048): fla's model of the same width and depth,
 #            `solver: none`, PRISM L=2 and L=3, with --profile, 12 timed steps (each one's time printed)
+#            after 5 untimed ones (after 2, the third step took 0.9-1.7 s in each PRISM variant; after 4
+#            none was slow); then the same at its global batch in one micro batch (32 x 2048)
 #
 # On a fresh H200 fla's model compiles and autotunes for about 3 minutes; TRITON_CACHE_DIR (default:
 # .triton_cache in the checkout) keeps that for later calls on the same warm machine. Each call also
@@ -59,7 +61,9 @@ for part in "$@"; do
                 prism-L3-reference ;;
     2.7b) step --timeout 200 --config launch/configs/2.7b.yaml --set parallel.tensor_model_parallel_size=1 \
               --set parallel.sequence_parallel=false --variants prism-L3-selective prism-L3-full ;;
-    125m) step --profile --timeout 200 --steps 12 --config launch/configs/125m.yaml --batch 8 2048 \
+    125m) step --profile --timeout 200 --warmup 5 --steps 12 --config launch/configs/125m.yaml --batch 8 2048 \
+              --variants fla-gdn solver-none prism-L2 prism-L3
+          step --timeout 200 --warmup 5 --steps 8 --config launch/configs/125m.yaml --batch 32 2048 \
               --variants fla-gdn solver-none prism-L2 prism-L3 ;;
     esac > "$out/$part.log" 2>&1 || status=1
     grep "tokens/s\|FAILED" "$out/$part.log"
