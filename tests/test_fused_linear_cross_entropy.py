@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
 
-from prism_megatron.kernels.fused.linear_cross_entropy import linear_cross_entropy
+from prism_megatron.kernels.fused.linear_cross_entropy import even_chunk_tokens, linear_cross_entropy
 
 
 # Rank 0 of 1 (the model's TP layers need megatron-core's process groups).
@@ -62,3 +62,12 @@ def test_bfloat16_within_rounding(fused):
     torch.testing.assert_close(got[0], ref[0], atol=1e-5, rtol=1e-5)
     for a, b in zip(got[1:], ref[1:]):
         torch.testing.assert_close(a.float(), b.float(), atol=1e-2, rtol=1.6e-2)
+
+
+def test_default_chunks_are_even():
+    """16,384 tokens of a 32,000-row vocabulary: 8 chunks of 2,048 tokens (2^26 logits at most each), not
+    7 of 2,097 and one of 1,705, which would compile the fused passes for a second shape."""
+    assert even_chunk_tokens(16384, 32000) == 2048
+    assert even_chunk_tokens(1024, 2048) == 1024  # one chunk
+    assert even_chunk_tokens(2049, 1 << 25) == 2  # 2 logits a chunk at most: 1,025 chunks, the last of 1
+    assert even_chunk_tokens(0, 32000) == 1

@@ -107,14 +107,24 @@ class LinearCrossEntropy(torch.autograd.Function):
         return dx, dweight.to(weight.dtype), None, None, None, None, None
 
 
+def even_chunk_tokens(n_tokens: int, local_vocab: int) -> int:
+    """Tokens a chunk when n_tokens are split into equal chunks of at most LOGITS_PER_CHUNK logits each (the
+    last one may be shorter by less than the number of chunks). Equal chunks give the compiled passes one
+    shape, not a second for a shorter last chunk, and split a power-of-two batch into GEMMs of a
+    power-of-two height."""
+    most = max(1, LOGITS_PER_CHUNK // local_vocab)
+    chunks = max(1, -(-n_tokens // most))
+    return max(1, -(-n_tokens // chunks))
+
+
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, vocab_size: int,
                          tp_group: dist.ProcessGroup | None = None, tp_rank: int = 0, tp_size: int = 1,
                          chunk_tokens: int | None = None, fused: bool = False) -> torch.Tensor:
     """Per-token cross-entropy [N] (at least float32) of the logits x @ weight.T over the vocabulary split over
     the tp_size ranks of tp_group (this one its tp_rank-th part), without the whole batch's logits;
-    chunk_tokens tokens at a time (default: LOGITS_PER_CHUNK logits a chunk); fused: the passes over
-    a chunk's logits through torch.compile."""
+    chunk_tokens tokens at a time (default: even_chunk_tokens); fused: the passes over a chunk's logits
+    through torch.compile."""
     if chunk_tokens is None:
-        chunk_tokens = max(1, LOGITS_PER_CHUNK // weight.shape[0])
+        chunk_tokens = even_chunk_tokens(x.shape[0], weight.shape[0])
     return LinearCrossEntropy.apply(x, weight, labels, vocab_size, _VocabSplit(tp_group, tp_rank, tp_size),
                                     chunk_tokens, fused)
