@@ -80,7 +80,8 @@ def test_quality_end_to_end(tmp_path, store):
 
 
 # Per plan: the tokens of each run, and each configuration's parameters as docs/QUALITY.md section 1
-# (screen.yaml) and docs/SOLVERS.md sections 5 and 6 (screen-125m.yaml) state them.
+# (screen.yaml), docs/SOLVERS.md sections 5 and 6 (screen-125m.yaml) and docs/QUALITY.md section 12
+# (screen-demo.yaml) state them.
 PLANS = {
     "screen.yaml": (52_428_800, {"none": 116_830_608, "prism-L2": 127_466_016, "prism-L3": 129_843_816,
                                  "split-L2-r32": 125_751_840}),
@@ -88,6 +89,10 @@ PLANS = {
                                      "prism-L2-first-residual-v": 127_466_016, "prism-L2-erase-from-input": 127_512_024,
                                      "prism-L2-extra-strength-4": 127_466_016, "prism-L2-conv7": 127_576_608,
                                      "split-L2-r32-authors-init": 125_751_840, "none-ffn2432": 127_447_440}),
+    "screen-demo.yaml": (307_200, {"none": 2_719_192, "prism-L2": 3_017_968, "prism-L1": 2_918_116,
+                                   "prism-L2-first-residual-v": 3_017_968, "prism-L2-erase-from-input": 3_019_492,
+                                   "prism-L2-extra-strength-4": 3_017_968, "prism-L2-conv7": 3_027_184,
+                                   "split-L2-r32-authors-init": 3_020_272, "none-ffn640": 3_014_104}),
 }
 
 
@@ -107,7 +112,9 @@ def test_screen_plan_builds_the_documented_models(plan, monkeypatch, single_proc
     monkeypatch.setitem(sys.modules, "quality", harness)  # its dataclasses look their module up
     spec.loader.exec_module(harness)
     monkeypatch.chdir(QUALITY.parents[1])  # plans name their paths from the repository root
-    configurations, seeds = harness.read_plan(Path("benchmarks/plans") / plan, [], None, [])
+    # A plan on the demo's store takes it from the command line, as its comment says.
+    extra = ["data.stores=[unused]"] if plan == "screen-demo.yaml" else []
+    configurations, seeds = harness.read_plan(Path("benchmarks/plans") / plan, extra, None, [])
     runs = harness.make_runs(configurations, seeds, Path("unused"))
     tokens, documented = PLANS[plan]
     sizes = {}
