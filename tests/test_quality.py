@@ -92,7 +92,8 @@ PLANS = {
     "screen-demo.yaml": (307_200, {"none": 2_719_192, "prism-L2": 3_017_968, "prism-L1": 2_918_116,
                                    "prism-L2-first-residual-v": 3_017_968, "prism-L2-erase-from-input": 3_019_492,
                                    "prism-L2-extra-strength-4": 3_017_968, "prism-L2-conv7": 3_027_184,
-                                   "split-L2-r32-authors-init": 3_020_272, "none-ffn640": 3_014_104}),
+                                   "split-L2-r32-authors-init": 3_020_272, "none-ffn640": 3_014_104,
+                                   "prism-L3": 3_117_820, "prism-L3-first-residual-v": 3_117_820}),
 }
 
 
