@@ -10,9 +10,9 @@
 #   bash benchmarks/revisions_gpu.sh OUT_DIR runs/rev/REV.tar ... [--set KEY=VALUE ...]
 #
 # --set overrides go to every run (the 800-step, 32-sequence settings: --set training.train_steps=800
-# --set training.global_batch_size=32). OUT_DIR gets corpus.log and, per tree (`head` for this
-# checkout, REV for an archive), NAME.log and NAME-metrics.jsonl; the last lines are each tree's
-# validation losses.
+# --set training.global_batch_size=32). OUT_DIR gets revisions.tgz: corpus.log and, per tree (`head`
+# for this checkout, REV for an archive), NAME.log and NAME-metrics.jsonl, in one file because the
+# device tool brings back at most 8; the last lines printed are each tree's validation losses.
 set -u
 usage="usage: bash benchmarks/revisions_gpu.sh OUT_DIR REV.tar ... [--set KEY=VALUE ...]"
 out=${1:?$usage}
@@ -60,4 +60,5 @@ for entry in "${trees[@]}"; do
     echo "$name:"
     grep "val loss" "$out/$name.log" | tail -5
 done
+(cd "$out" && tar czf revisions.tgz --remove-files ./*.log ./*-metrics.jsonl)
 exit "$status"
