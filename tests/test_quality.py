@@ -80,8 +80,8 @@ def test_quality_end_to_end(tmp_path, store):
 
 
 # Per plan: the tokens of each run, and each configuration's parameters as docs/QUALITY.md section 1
-# (screen.yaml), docs/SOLVERS.md sections 5 and 6 (screen-125m.yaml) and docs/QUALITY.md section 12
-# (screen-demo.yaml) state them.
+# (screen.yaml), docs/SOLVERS.md sections 5 and 6 (screen-125m.yaml), docs/QUALITY.md section 12
+# (screen-demo.yaml) and section 13 (verdict-125m.yaml) state them.
 PLANS = {
     "screen.yaml": (52_428_800, {"none": 116_830_608, "prism-L2": 127_466_016, "prism-L3": 129_843_816,
                                  "split-L2-r32": 125_751_840}),
@@ -94,6 +94,8 @@ PLANS = {
                                    "prism-L2-extra-strength-4": 3_017_968, "prism-L2-conv7": 3_027_184,
                                    "split-L2-r32-authors-init": 3_020_272, "none-ffn640": 3_014_104,
                                    "prism-L3": 3_117_820, "prism-L3-first-residual-v": 3_117_820}),
+    "verdict-125m.yaml": (52_428_800, {f"{name}-lr{lr}": size for name, size in (
+        ("none", 116_830_608), ("prism-L2-first-residual-v", 127_466_016)) for lr in ("5e-4", "1e-3", "2e-3")}),
 }
 
 
