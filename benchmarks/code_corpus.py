@@ -5,11 +5,11 @@ what travels there (64 MiB a call, wheels included).
     python benchmarks/code_corpus.py build runs/code-corpus      # here: corpus, tokenizer, store, carry/
     python benchmarks/code_corpus.py rebuild runs/code-corpus    # there, with runs/code-corpus/carry carried
 
-build: every .py file of the interpreter's library (the standard library and the packages installed
+build: the .py files of the interpreter's library (the standard library and the packages installed
 beside it) and of the running environment's site-packages, one JSON line {"text", "path"} per file
 in path order, leaving out files seen before (same bytes), files over 1 MB (generated tables, not
-code) and this project's own; a BPE tokenizer trained on 1M lines sampled from it; the token store;
-and DIR/carry/: the tokenizer, the corpus xz-compressed and the store's manifest.
+code) and this project's own, up to CORPUS_BYTES; a BPE tokenizer trained on 1M lines sampled from
+it; the token store; and DIR/carry/: the tokenizer, the corpus xz-compressed and the store's manifest.
 rebuild: decompresses carry/corpus.jsonl.xz, tokenizes it with carry/tokenizer.model into DIR/store
 and compares every shard (documents, tokens, sha256) with carry/manifest.json. prism-prep plans
 shards from the input bytes and the shard size alone, so the store there must be the store here,
@@ -33,6 +33,10 @@ VOCAB_SIZE = 32_000
 TOKENIZER_SAMPLE_LINES = 1_000_000
 SEED = 1234
 MAX_FILE_BYTES = 1 << 20
+# About 70M tokens, more than a 52.4M-token run reads, and about 36 MiB compressed: with the wheels
+# (11 MiB) within what one device call carries. The hf extra's packages, installed here since,
+# would more than double an uncapped corpus.
+CORPUS_BYTES = 266_000_000
 # Fixed: the shard plan, hence the shards' bytes, follows from it.
 SHARD_BYTES = 16 << 20
 CARRIED = ("tokenizer.model", "corpus.jsonl.xz", "manifest.json")
@@ -56,6 +60,18 @@ def python_sources() -> list[Path]:
     return sources
 
 
+def first_sources(limit_bytes: int) -> list[Path]:
+    """python_sources() in order until their sizes reach limit_bytes (the file that crosses it
+    included)."""
+    taken, size = [], 0
+    for path in python_sources():
+        if size >= limit_bytes:
+            break
+        taken.append(path)
+        size += path.stat().st_size
+    return taken
+
+
 def build(folder: Path) -> None:
     from prism_megatron.data_prep.store import TokenStore
     from prism_megatron.data_prep.tokenize import tokenize_corpus
@@ -65,7 +81,7 @@ def build(folder: Path) -> None:
     carry.mkdir(parents=True, exist_ok=True)
     corpus, tokenizer, store = folder / "corpus.jsonl", carry / "tokenizer.model", folder / "store"
     if not corpus.exists():
-        write_corpus(python_sources(), corpus)
+        write_corpus(first_sources(CORPUS_BYTES), corpus)
     if not tokenizer.exists():
         train_tokenizer([str(corpus)], str(tokenizer), VOCAB_SIZE, model_type="bpe",
                         sample_lines=TOKENIZER_SAMPLE_LINES, seed=SEED)

@@ -19,16 +19,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, "benchmarks")
-from code_corpus import python_sources
+from code_corpus import first_sources
 from prism_megatron.launch.demo import write_corpus
 
-taken, size = [], 0
-for path in python_sources():
-    if size >= 40_000_000:
-        break
-    taken.append(path)
-    size += path.stat().st_size
-write_corpus(taken, Path(sys.argv[1]))
+write_corpus(first_sources(40_000_000), Path(sys.argv[1]))
 PYTHON
 python3 -m prism_megatron.data_prep.cli tokenizer "$data/corpus.jsonl" --output "$data/tokenizer.model" \
     --vocab-size 8192 --sample-lines 300000 &&
