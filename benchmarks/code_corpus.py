@@ -33,7 +33,7 @@ VOCAB_SIZE = 32_000
 TOKENIZER_SAMPLE_LINES = 1_000_000
 SEED = 1234
 MAX_FILE_BYTES = 1 << 20
-# About 70M tokens, more than a 52.4M-token run reads, and about 36 MiB compressed: with the wheels
+# About 75M tokens, more than a 52.4M-token run reads, and about 36 MiB compressed: with the wheels
 # (11 MiB) within what one device call carries. The hf extra's packages, installed here since,
 # would more than double an uncapped corpus.
 CORPUS_BYTES = 266_000_000
