@@ -125,6 +125,10 @@ def test_screen_plan_builds_the_documented_models(plan, monkeypatch, single_proc
         assert run.status == "pending", run.error
         training = run.config.training
         assert training.train_steps * training.global_batch_size * run.config.data.seq_length == tokens
+        # A learning-rate sweep's configuration trains at the rate its name says, decaying to a tenth.
+        _, _, rate = run.configuration.name.partition("-lr")
+        if rate:
+            assert (run.config.optim.lr, run.config.optim.min_lr) == pytest.approx((float(rate), float(rate) / 10))
         with torch.device("meta"):
             sizes[run.configuration.name] = PrismLM(run.config.model, ParallelConfig()).num_parameters()
     assert sizes == documented
