@@ -1,15 +1,18 @@
-"""The corpus of the quality runs (docs/QUALITY.md): this machine's Python sources, which no one here
-wrote, as a 32,000-piece tokenizer and a token store, built here and rebuilt on the GPU machine from
-what travels there (64 MiB a call, wheels included).
+"""The corpus of the quality runs (docs/QUALITY.md): Python sources that no one here wrote, as a
+32,000-piece tokenizer and a token store, built here and rebuilt on the GPU machine from what travels
+there (64 MiB a call, wheels included).
 
     python benchmarks/code_corpus.py build runs/code-corpus      # here: corpus, tokenizer, store, carry/
     python benchmarks/code_corpus.py rebuild runs/code-corpus    # there, with runs/code-corpus/carry carried
 
-build: the .py files of the interpreter's library (the standard library and the packages installed
-beside it) and of the running environment's site-packages, one JSON line {"text", "path"} per file
-in path order, leaving out files seen before (same bytes), files over 1 MB (generated tables, not
-code) and this project's own, up to CORPUS_BYTES; a BPE tokenizer trained on 1M lines sampled from
-it; the token store; and DIR/carry/: the tokenizer, the corpus xz-compressed and the store's manifest.
+build: installs the packages pinned in benchmarks/code-corpus-packages.txt into DIR/packages (pip,
+no dependencies, sdists built against this environment's torch), then takes the .py files of the
+interpreter's standard library and of DIR/packages, one JSON line {"text", "path"} per file in path
+order, leaving out files seen before (same bytes) and files over 1 MB (generated tables, not code),
+up to CORPUS_BYTES; trains a BPE tokenizer on 1M lines sampled from it; writes the token store; and
+fails unless the store holds the documents and tokens of benchmarks/code-corpus.json (what the
+quality runs trained on), so that runs made in different sessions read the same batches. DIR/carry/ gets the
+tokenizer, the corpus xz-compressed and the store's manifest.
 rebuild: decompresses carry/corpus.jsonl.xz, tokenizes it with carry/tokenizer.model into DIR/store
 and compares every shard (documents, tokens, sha256) with carry/manifest.json. prism-prep plans
 shards from the input bytes and the shard size alone, so the store there must be the store here,
@@ -23,9 +26,12 @@ import json
 import lzma
 import os
 import shutil
+import subprocess
 import sys
 import sysconfig
 from pathlib import Path
+
+import numpy as np
 
 from prism_megatron.launch.demo import write_corpus
 
@@ -37,19 +43,23 @@ MAX_FILE_BYTES = 1 << 20
 # (11 MiB) within what one device call carries. The hf extra's packages, installed here since,
 # would more than double an uncapped corpus.
 CORPUS_BYTES = 266_000_000
+PACKAGES = Path(__file__).with_name("code-corpus-packages.txt")
+# What the quality runs read from the store (content_digest): a build must give the same.
+CONTENT = Path(__file__).with_name("code-corpus.json")
 # Fixed: the shard plan, hence the shards' bytes, follows from it.
 SHARD_BYTES = 16 << 20
 CARRIED = ("tokenizer.model", "corpus.jsonl.xz", "manifest.json")
 
 
-def python_sources() -> list[Path]:
-    """The .py files of the interpreter's library and of this environment's site-packages, first
-    copy of each content only, in a fixed order."""
-    roots = dict.fromkeys(Path(sysconfig.get_paths()[key]).resolve() for key in ("stdlib", "purelib"))
+def python_sources(packages: Path) -> list[Path]:
+    """The .py files of the interpreter's standard library, then of the folder packages, first copy
+    of each content only, in a fixed order."""
+    roots = dict.fromkeys(path.resolve() for path in (Path(sysconfig.get_paths()["stdlib"]), packages))
     seen, sources = set(), []
     for root in roots:
         for path in sorted(root.rglob("*.py")):
-            # The editable install's finder is the one file here that this project wrote.
+            # An editable install's finder is the one file in an environment's site-packages that the
+            # installed project wrote.
             if not path.is_file() or path.name.startswith("__editable__") or path.stat().st_size > MAX_FILE_BYTES:
                 continue
             data = path.read_bytes()
@@ -60,16 +70,62 @@ def python_sources() -> list[Path]:
     return sources
 
 
-def first_sources(limit_bytes: int) -> list[Path]:
-    """python_sources() in order until their sizes reach limit_bytes (the file that crosses it
-    included)."""
+def first_sources(limit_bytes: int, packages: Path) -> list[Path]:
+    """python_sources(packages) in order until their sizes reach limit_bytes (the file that crosses
+    it included)."""
     taken, size = [], 0
-    for path in python_sources():
+    for path in python_sources(packages):
         if size >= limit_bytes:
             break
         taken.append(path)
         size += path.stat().st_size
     return taken
+
+
+def install_packages(folder: Path) -> Path:
+    """PACKAGES installed into folder/packages (once; a finished install is kept)."""
+    packages, done = folder / "packages", folder / "packages.installed"
+    if not done.exists():
+        shutil.rmtree(packages, ignore_errors=True)
+        # No build isolation: an sdist that records the torch it was built against (deepspeed) must see
+        # this environment's, as the project's own install does.
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                        "--no-compile", "--target", str(packages), "-r", str(PACKAGES)], check=True)
+        done.touch()
+    return packages
+
+
+def differing_shards(store_manifest: Path, reference: Path) -> str | None:
+    """None if the store of store_manifest has reference's tokenizer and shards (documents, tokens,
+    sha256), else what differs."""
+    expected, got = (json.loads(path.read_text()) for path in (reference, store_manifest))
+    fields = ("num_documents", "num_tokens", "sha256")
+    want = [tuple(s[f] for f in fields) for s in expected["shards"]]
+    have = [tuple(s[f] for f in fields) for s in got["shards"]]
+    if got["tokenizer"]["sha256"] != expected["tokenizer"]["sha256"]:
+        return f"the tokenizer (sha256 {got['tokenizer']['sha256']}, {reference} has {expected['tokenizer']['sha256']})"
+    if have != want:
+        differing = [i for i in range(max(len(want), len(have))) if want[i:i + 1] != have[i:i + 1]]
+        return (f"shards {differing} (documents, tokens, sha256): here {[have[i] for i in differing if i < len(have)]}, "
+                f"in {reference} {[want[i] for i in differing if i < len(want)]}")
+    return None
+
+
+def content_digest(store_dir: Path) -> dict:
+    """What a run reads from the store, whatever its shard boundaries (which follow the corpus file's
+    bytes, paths included): the tokenizer, and one sha256 over the documents' lengths, then their
+    tokens, in order."""
+    from prism_megatron.data_prep.store import TokenStore
+
+    store = TokenStore.open(str(store_dir))
+    digest = hashlib.sha256()
+    digest.update(np.concatenate([np.diff(store.open_shard(i)[1][:].astype("<i8"))
+                                  for i in range(len(store.shards))]).tobytes())
+    little_endian = np.dtype(store.token_dtype).newbyteorder("<")
+    for i, shard in enumerate(store.shards):
+        digest.update(store.read_tokens(i, 0, shard.num_tokens).astype(little_endian).tobytes())
+    return {"documents": store.num_documents, "tokens": store.num_tokens,
+            "tokenizer_sha256": store.manifest["tokenizer"]["sha256"], "content_sha256": digest.hexdigest()}
 
 
 def build(folder: Path) -> None:
@@ -81,11 +137,16 @@ def build(folder: Path) -> None:
     carry.mkdir(parents=True, exist_ok=True)
     corpus, tokenizer, store = folder / "corpus.jsonl", carry / "tokenizer.model", folder / "store"
     if not corpus.exists():
-        write_corpus(first_sources(CORPUS_BYTES), corpus)
+        write_corpus(first_sources(CORPUS_BYTES, install_packages(folder)), corpus)
     if not tokenizer.exists():
         train_tokenizer([str(corpus)], str(tokenizer), VOCAB_SIZE, model_type="bpe",
                         sample_lines=TOKENIZER_SAMPLE_LINES, seed=SEED)
     tokenize_corpus([str(corpus)], str(tokenizer), str(store), workers=os.cpu_count() or 1, shard_bytes=SHARD_BYTES)
+    built, expected = content_digest(store), json.loads(CONTENT.read_text())
+    if built != expected:
+        sys.exit(f"code_corpus: {store} does not hold the quality runs' tokens: {built}, {CONTENT} has {expected}. "
+                 f"The corpus follows {PACKAGES} and this interpreter's standard library, the tokenizer "
+                 f"the installed sentencepiece")
     shutil.copyfile(store / "manifest.json", carry / "manifest.json")
     packed = carry / "corpus.jsonl.xz"
     if not packed.exists():
@@ -112,16 +173,11 @@ def rebuild(folder: Path) -> None:
         os.replace(str(corpus) + ".part", corpus)
     tokenize_corpus([str(corpus)], str(carry / "tokenizer.model"), str(store), workers=os.cpu_count() or 1,
                     shard_bytes=SHARD_BYTES)
-    expected, got = (json.loads(path.read_text()) for path in (carry / "manifest.json", store / "manifest.json"))
-    fields = ("num_documents", "num_tokens", "sha256")
-    want = [tuple(s[f] for f in fields) for s in expected["shards"]]
-    have = [tuple(s[f] for f in fields) for s in got["shards"]]
-    if have != want or got["tokenizer"]["sha256"] != expected["tokenizer"]["sha256"]:
-        differing = [i for i in range(max(len(want), len(have))) if want[i:i + 1] != have[i:i + 1]]
-        sys.exit(f"code_corpus: {store} differs from the store built with {carry}: shards {differing} "
-                 f"(documents, tokens, sha256) here {[have[i] for i in differing if i < len(have)]}, "
-                 f"there {[want[i] for i in differing if i < len(want)]}")
-    print(f"{store}: {sum(s[1] for s in have):,} tokens in {len(have)} shards, identical to {carry / 'manifest.json'}")
+    difference = differing_shards(store / "manifest.json", carry / "manifest.json")
+    if difference:
+        sys.exit(f"code_corpus: {store} differs from the store built with {carry}: {difference}")
+    built = json.loads((store / "manifest.json").read_text())
+    print(f"{store}: {built['num_tokens']:,} tokens in {len(built['shards'])} shards, identical to {carry / 'manifest.json'}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -349,7 +349,7 @@ class TokenStore:
                 raise TokenStoreError(f"token chunk {path} is truncated")
             pieces.append(piece)
             first, count = first + take, count - take
-        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces) if pieces else np.empty(0, dtype)
 
     def scan_shard(self, i: int) -> tuple[str, int]:
         """(sha256 of its contents, largest token id) of shard i, read block by block."""
