@@ -89,8 +89,11 @@ def install_packages(folder: Path) -> Path:
         shutil.rmtree(packages, ignore_errors=True)
         # No build isolation: an sdist that records the torch it was built against (deepspeed) must see
         # this environment's, as the project's own install does.
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                        "--no-compile", "--target", str(packages), "-r", str(PACKAGES)], check=True)
+        installed = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                                    "--no-build-isolation", "--no-compile", "--target", str(packages), "-r",
+                                    str(PACKAGES)])
+        if installed.returncode:
+            sys.exit(f"code_corpus: pip could not install {PACKAGES} into {packages} (its message is above)")
         done.touch()
     return packages
 
