@@ -11,8 +11,8 @@ interpreter's standard library and of DIR/packages, one JSON line {"text", "path
 order, leaving out files seen before (same bytes) and files over 1 MB (generated tables, not code),
 up to CORPUS_BYTES; trains a BPE tokenizer on 1M lines sampled from it; writes the token store; and
 fails unless the store holds the documents and tokens of benchmarks/code-corpus.json (what the
-quality runs trained on), so that runs made in different sessions read the same batches. DIR/carry/ gets the
-tokenizer, the corpus xz-compressed and the store's manifest.
+quality runs trained on), so that runs made in different sessions read the same batches. DIR/carry/
+gets the tokenizer, the corpus xz-compressed and the store's manifest.
 rebuild: decompresses carry/corpus.jsonl.xz, tokenizes it with carry/tokenizer.model into DIR/store
 and compares every shard (documents, tokens, sha256) with carry/manifest.json. prism-prep plans
 shards from the input bytes and the shard size alone, so the store there must be the store here,
