@@ -109,7 +109,8 @@ def differing_shards(store_manifest: Path, reference: Path) -> str | None:
         return f"the tokenizer (sha256 {got['tokenizer']['sha256']}, {reference} has {expected['tokenizer']['sha256']})"
     if have != want:
         differing = [i for i in range(max(len(want), len(have))) if want[i:i + 1] != have[i:i + 1]]
-        return (f"shards {differing} (documents, tokens, sha256): here {[have[i] for i in differing if i < len(have)]}, "
+        return (f"shards {differing} (documents, tokens, sha256): "
+                f"here {[have[i] for i in differing if i < len(have)]}, "
                 f"in {reference} {[want[i] for i in differing if i < len(want)]}")
     return None
 
@@ -180,7 +181,8 @@ def rebuild(folder: Path) -> None:
     if difference:
         sys.exit(f"code_corpus: {store} differs from the store built with {carry}: {difference}")
     built = json.loads((store / "manifest.json").read_text())
-    print(f"{store}: {built['num_tokens']:,} tokens in {len(built['shards'])} shards, identical to {carry / 'manifest.json'}")
+    print(f"{store}: {built['num_tokens']:,} tokens in {len(built['shards'])} shards, "
+          f"identical to {carry / 'manifest.json'}")
 
 
 def main(argv: list[str] | None = None) -> None:
