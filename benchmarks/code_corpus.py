@@ -119,12 +119,12 @@ def content_digest(store_dir: Path) -> dict:
     """What a run reads from the store, whatever its shard boundaries (which follow the corpus file's
     bytes, paths included): the tokenizer, and one sha256 over the documents' lengths, then their
     tokens, in order."""
+    from prism_megatron.data_prep.loader import document_lengths
     from prism_megatron.data_prep.store import TokenStore
 
     store = TokenStore.open(str(store_dir))
     digest = hashlib.sha256()
-    digest.update(np.concatenate([np.diff(store.open_shard(i)[1][:].astype("<i8"))
-                                  for i in range(len(store.shards))]).tobytes())
+    digest.update(document_lengths(store).astype("<i8").tobytes())
     little_endian = np.dtype(store.token_dtype).newbyteorder("<")
     for i, shard in enumerate(store.shards):
         digest.update(store.read_tokens(i, 0, shard.num_tokens).astype(little_endian).tobytes())

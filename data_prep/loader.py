@@ -56,7 +56,8 @@ def _held_out(num_documents: int, valid_fraction: float) -> np.ndarray:
     return (x >> np.uint64(11)).astype(np.float64) * 2.0**-53 < valid_fraction
 
 
-def _document_lengths(store: TokenStore) -> np.ndarray:
+def document_lengths(store: TokenStore) -> np.ndarray:
+    """The token count of each document of the store, in order (from the shards' doc_offsets)."""
     lengths = []
     for i in range(len(store.shards)):
         offsets = store.open_shard(i)[1][:].astype(np.int64)
@@ -73,7 +74,7 @@ def held_out_samples(stores: Sequence[TokenStore], seq_length: int, valid_fracti
     the num_samples with which PackedDataset(split="valid") covers them."""
     total = 0
     for store in stores:
-        lengths = _document_lengths(store)
+        lengths = document_lengths(store)
         held_out = _held_out(len(lengths), valid_fraction)
         total += max(0, (int(lengths[held_out].sum()) + int(held_out.sum()) - 1) // seq_length)
     return total
@@ -119,7 +120,7 @@ def _build_index(stores: Sequence[TokenStore], weights: Sequence[float] | None, 
                  out_dir: str) -> None:
     documents, all_lengths = [], []
     for store in stores:
-        lengths = _document_lengths(store)
+        lengths = document_lengths(store)
         held_out = _held_out(len(lengths), valid_fraction)
         docs = np.flatnonzero(held_out if split == "valid" else ~held_out)
         if len(docs) == 0:

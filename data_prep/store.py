@@ -349,7 +349,9 @@ class TokenStore:
                 raise TokenStoreError(f"token chunk {path} is truncated")
             pieces.append(piece)
             first, count = first + take, count - take
-        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces) if pieces else np.empty(0, dtype)
+        if not pieces:  # count 0: a shard may hold no documents
+            return np.empty(0, dtype)
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
     def scan_shard(self, i: int) -> tuple[str, int]:
         """(sha256 of its contents, largest token id) of shard i, read block by block."""

@@ -58,6 +58,14 @@ def test_round_trip(tmp_path, small_buffers, dtype):
     assert manifest["shards"][1]["path"] == os.path.join("shards", "00001.zarr")
 
 
+def test_a_shard_without_documents_reads_as_empty(tmp_path):
+    # prism-prep cuts shards by bytes, so a long document can leave a shard with none.
+    store = make_store(tmp_path, [make_documents(0, 3), []], "uint16")
+    assert store.shards[1].num_tokens == 0
+    tokens = store.read_tokens(1, 0, 0)
+    assert tokens.dtype == np.uint16 and len(tokens) == 0
+
+
 def test_documents_as_lists_and_checksum_matches_contents(tmp_path, small_buffers):
     docs = [d.tolist() for d in make_documents(2, 30)]
     info = write_shard(tmp_path / "a.zarr", docs, "uint16", batch_documents=7)

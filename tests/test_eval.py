@@ -65,12 +65,12 @@ def test_the_run_own_validation_loss(run):
 
 def test_every_held_out_token_by_default(run, store):
     """The default is one pass over the held-out split, here also named with --stores."""
-    from prism_megatron.data_prep.loader import _document_lengths, _held_out
+    from prism_megatron.data_prep.loader import _held_out, document_lengths
     from prism_megatron.data_prep.store import TokenStore
 
     folder, _ = run
     record = json_line(prism_eval(folder / "ckpt", "--stores", store, "--micro-batch-size", 4))
-    lengths = _document_lengths(TokenStore.open(store))
+    lengths = document_lengths(TokenStore.open(store))
     held_out = _held_out(len(lengths), 0.1)  # write_config's valid_fraction
     tokens = int(lengths[held_out].sum()) + int(held_out.sum())  # each document and its EOS
     assert record["samples"] == (tokens - 1) // 32 > 0  # samples of 32 tokens and the next one's label
