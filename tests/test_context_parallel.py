@@ -42,14 +42,18 @@ def _op_worker(backend: str, dtype, K: int, V: int, atol: float):
     from megatron.core import parallel_state
 
     names = ("q", "k", "d", "kx", "beta", "g")
+    # The whole batch at CP = 1, once per batch: the reference of every CP size.
+    references = []
+    for B, bounds in ((1, PACKED), (2, None)):
+        x = _inputs(B, 2, K, V, 3, dtype)
+        cu = None if bounds is None else torch.tensor(bounds, dtype=torch.int32)
+        full = {n: x[n].clone().requires_grad_() for n in names}
+        o_ref, final_ref = prism_recurrence(*(full[n] for n in names), scale=0.5, output_final_state=True,
+                                            cu_seqlens=cu, backend=backend)
+        o_ref.backward(x["do"])
+        references.append((B, bounds, x, cu, full, o_ref, final_ref))
     for cp in (2, 4):
-        for B, bounds in ((1, PACKED), (2, None)):
-            x = _inputs(B, 2, K, V, 3, dtype)
-            cu = None if bounds is None else torch.tensor(bounds, dtype=torch.int32)
-            full = {n: x[n].clone().requires_grad_() for n in names}
-            o_ref, final_ref = prism_recurrence(*(full[n] for n in names), scale=0.5, output_final_state=True,
-                                                cu_seqlens=cu, backend=backend)
-            o_ref.backward(x["do"])
+        for B, bounds, x, cu, full, o_ref, final_ref in references:
             sequence_ends = (bounds[1:] if bounds else [T * (row + 1) for row in range(B)])
 
             initialize_parallel(ParallelConfig(context_parallel_size=cp), seed=0)
